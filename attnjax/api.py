@@ -1,0 +1,54 @@
+"""The public entry points: load a checkpoint, run texts through it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from attnjax.models.attention import AttentionImpl
+from attnjax.models.checkpoints import load_directory, resolve
+from attnjax.models.model import Model
+from attnjax.tokenize import tokenize
+from attnjax.trace import Capture, Trace
+
+DEFAULT_CAPTURE = Capture(attention=True, hidden_states=True)
+
+
+def load(name_or_path: str | os.PathLike) -> Model:
+    """Load a BERT or GPT-2 checkpoint.
+
+    ``"minilm"``: the bundled all-MiniLM-L6-v2 (offline); a local Hugging Face
+    directory (config.json + model.safetensors, tokenizer files if present); or a hub
+    id such as ``"gpt2"`` when online.
+    """
+    directory = resolve(name_or_path)
+    family, config, params, tokenizer = load_directory(directory)
+    return Model(family=family, config=config, params=params, tokenizer=tokenizer,
+                 name=str(name_or_path))
+
+
+def run(
+    model: Model,
+    texts,
+    *,
+    capture: Optional[Capture] = None,
+    max_length: Optional[int] = None,
+    attention_impl: AttentionImpl = "auto",
+    return_output: bool = False,
+):
+    """Tokenise, pad (on the right), run the jitted forward and attach the tokens.
+
+    texts: a string, a list of strings, or for BERT (first, second) sentence pairs.
+    capture: what to record; default attention probabilities and hidden states.
+    max_length: truncate to this many tokens; without it an over-long text is an error.
+    Returns the Trace, or (output, Trace) with return_output=True (GPT-2 logits, say).
+    """
+    capture = DEFAULT_CAPTURE if capture is None else capture
+    batch = tokenize(model, texts, max_length=max_length)
+    output, trace = model.jit_forward(
+        model.params, batch.input_ids, batch.attention_mask, batch.token_type_ids,
+        capture=capture, attention_impl=attention_impl,
+    )
+    trace = trace.with_tokens(batch.tokens)
+    return (output, trace) if return_output else trace

