@@ -1,0 +1,142 @@
+"""Model.forward is a pure function; run() and forward reject bad input clearly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax import Capture
+from tests.tiny_models import tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    tiny_gpt2(directory)
+    return attnjax.load(directory)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return attnjax.load("minilm")
+
+
+def head_entropy(attention, layer, head):
+    """Mean over queries of -sum p log p for one head; attention (L, B, N, T, T)."""
+    p = attention[layer, :, head]  # (B, T, T)
+    return -jnp.mean(jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1))
+
+
+def test_jit_equals_eager(gpt2):
+    ids = np.array([[3, 4, 5, 6, 7], [8, 9, 10, 0, 0]], np.int32)
+    mask = np.array([[1] * 5, [1, 1, 1, 0, 0]], bool)
+    capture = Capture(attention=True, hidden_states=True)
+    eager_out, eager = gpt2.forward(gpt2.params, ids, mask, capture=capture)
+    jit_out, jitted = gpt2.jit_forward(gpt2.params, ids, mask, capture=capture)
+    np.testing.assert_allclose(jit_out.logits, eager_out.logits, atol=1e-5)
+    np.testing.assert_allclose(jitted.attention, eager.attention, atol=1e-6)
+    np.testing.assert_allclose(jitted.hidden_states, eager.hidden_states, atol=1e-5)
+
+
+def test_vmap_equals_batched_call(gpt2):
+    ids = np.array([[3, 4, 5, 6], [8, 9, 10, 11], [1, 2, 3, 4]], np.int32)
+    capture = Capture(attention=True)
+
+    def one(sequence):  # (1, T) -> attention (L, 1, N, T, T)
+        return gpt2.forward(gpt2.params, sequence, capture=capture)[1].attention
+
+    mapped = jax.vmap(one)(ids[:, None, :])  # (B, L, 1, N, T, T)
+    batched = gpt2.forward(gpt2.params, ids, capture=capture)[1].attention  # (L, B, N, T, T)
+    np.testing.assert_allclose(np.moveaxis(mapped[:, :, 0], 0, 1), batched, atol=1e-6)
+
+
+def test_grad_of_head_entropy_wrt_embeddings(minilm):
+    """d entropy / d inputs_embeds is finite and matches central finite differences.
+
+    float64 throughout (params cast, x64 on) so the finite difference is accurate:
+    with step 1e-4, truncation error ~1e-8 and rounding ~1e-12, rtol 1e-4 is loose.
+    """
+    batch = attnjax.tokenize(minilm, "Gradients flow through attention.")
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), minilm.params)
+        embeds = params["embeddings"]["word_embeddings"]["embedding"][batch.input_ids]  # (1, T, D)
+
+        def entropy(x):
+            _, trace = minilm.forward(params, batch.input_ids, batch.attention_mask, inputs_embeds=x,
+                                      capture=Capture(attention=True, layers=(2,)))
+            return head_entropy(trace.attention, 0, 5)
+
+        grad = jax.grad(entropy)(embeds)
+        assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
+        direction = jax.random.normal(jax.random.PRNGKey(0), embeds.shape, jnp.float64)
+        step = 1e-4
+        numeric = (entropy(embeds + step * direction) - entropy(embeds - step * direction)) / (2 * step)
+        analytic = jnp.sum(grad * direction)
+        np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-4)
+
+
+def test_run_batches_and_pads_gpt2_on_the_right(gpt2):
+    output, trace = attnjax.run(gpt2, ["The quick brown fox jumps.", "A cat."], return_output=True)
+    lengths = np.asarray(trace.mask).sum(1)
+    assert lengths[0] > lengths[1]
+    assert np.asarray(trace.mask)[1, : lengths[1]].all() and not np.asarray(trace.mask)[1, lengths[1]:].any()
+    assert output.logits.shape == (2, trace.seq_len, gpt2.config.vocab_size)
+    assert "".join(trace.tokens[1][: lengths[1]]) == "A cat."
+    assert trace.causal
+
+
+@pytest.mark.parametrize("texts, message", [
+    ("", "Text 0 is empty"),
+    ("   ", "Text 0 is empty"),
+    ([], "No text given"),
+    (["fine", ""], "Text 1 is empty"),
+    ([3], "must be a string"),
+])
+def test_run_rejects_empty_or_odd_text(minilm, texts, message):
+    with pytest.raises(ValueError, match=message):
+        attnjax.run(minilm, texts)
+
+
+def test_too_long_text_needs_max_length(minilm):
+    text = "word " * 600
+    with pytest.raises(ValueError, match=r"more than the model's 512 positions. Pass max_length=512"):
+        attnjax.run(minilm, text)
+    trace = attnjax.run(minilm, text, max_length=64, capture=Capture(stats=False))
+    assert trace.seq_len == 64 and trace.tokens[0][-1] == "[SEP]"
+    with pytest.raises(ValueError, match="max_length=1000 must be between 1 and"):
+        attnjax.run(minilm, "short", max_length=1000)
+
+
+def test_forward_rejects_bad_arrays(minilm):
+    ids = np.array([[101, 2000, 102]], np.int32)
+    with pytest.raises(ValueError, match=r"Token id 40000 is outside the vocabulary \(0..30521\)"):
+        minilm.forward(minilm.params, np.array([[101, 40000, 102]], np.int32))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 4\); it must match input_ids \(1, 3\)"):
+        minilm.forward(minilm.params, ids, np.ones((1, 4), bool))
+    with pytest.raises(ValueError, match=r"must be \(batch, seq\).*input_ids\[None\]"):
+        minilm.forward(minilm.params, ids[0])
+    with pytest.raises(ValueError, match="sequence has 600 tokens, but .* 512 positions"):
+        minilm.forward(minilm.params, np.ones((1, 600), np.int32))
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        minilm.forward(minilm.params, np.ones((1, 0), np.int32))
+    with pytest.raises(ValueError, match="inputs_embeds holds NaN"):
+        minilm.forward(minilm.params, ids, inputs_embeds=np.full((1, 3, 384), np.nan, np.float32))
+
+
+def test_custom_attention_function_is_used(gpt2):
+    """attention_impl plugs a user's function in; returning probs lets it be captured."""
+    def uniform_attention(q, k, v, *, mask, causal, scale):
+        seq_len = q.shape[1]
+        visible = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None, None] & mask[:, None, None, :]  # (B, 1, T, T)
+        probs = visible / visible.sum(-1, keepdims=True)  # (B, 1, T, T)
+        probs = jnp.broadcast_to(probs, (q.shape[0], q.shape[2], seq_len, seq_len))  # (B, N, T, T)
+        return jnp.einsum("BNTS,BSNH->BTNH", probs, v), probs
+
+    ids = np.array([[3, 4, 5, 6]], np.int32)
+    _, trace = gpt2.forward(gpt2.params, ids, capture=Capture(attention=True), attention_impl=uniform_attention)
+    np.testing.assert_allclose(trace.attention[0, 0, 0, 3], [0.25] * 4)
+    with pytest.raises(ValueError, match="custom attention function cannot produce"):
+        gpt2.forward(gpt2.params, ids, capture=Capture(stats=True), attention_impl=uniform_attention)

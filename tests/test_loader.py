@@ -1,0 +1,209 @@
+"""Checkpoint loading: round trips, strictness, and refusing what it must not load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import attnjax
+from attnjax import Capture, CheckpointError, UnsupportedConfigError
+from tests.tiny_models import tiny_bert, tiny_gpt2
+
+
+def forward_last(model, ids):
+    output, _ = model.forward(model.params, ids)
+    return np.asarray(getattr(output, "logits", getattr(output, "last_hidden_state", None)))
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bert")
+    tiny_bert(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    tiny_gpt2(directory)
+    return directory
+
+
+def copy_with(directory, tmp_path, *, tensors=None, config=None):
+    """A copy of a checkpoint directory with its tensors or config replaced."""
+    for file in directory.iterdir():
+        if file.name not in ("model.safetensors", "config.json"):
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    original = load_file(str(directory / "model.safetensors"))
+    save_file(tensors(original) if tensors else original, str(tmp_path / "model.safetensors"))
+    hf_config = json.loads((directory / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config(hf_config) if config else hf_config))
+    return tmp_path
+
+
+def test_round_trip_gpt2_tied_embeddings(tmp_path):
+    """save_pretrained -> attnjax.load gives the same logits; lm_head is tied to wte."""
+    hf_model = tiny_gpt2(tmp_path)
+    model = attnjax.load(tmp_path)
+    assert model.family == "gpt2" and model.tokenizer is not None
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]], np.int32)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(ids).long()).logits.numpy()
+    np.testing.assert_allclose(forward_last(model, ids), expected, atol=2e-5, rtol=1e-4)
+    # Conv1D layout: c_attn's kernel is (in, 3 * out), as in the checkpoint, untransposed.
+    assert model.params["h_0"]["attn"]["c_attn"]["kernel"].shape == (32, 96)
+
+
+def test_round_trip_gpt2_untied_head(tmp_path):
+    hf_model = tiny_gpt2(tmp_path, with_tokenizer=False, tie_word_embeddings=False)
+    model = attnjax.load(tmp_path)
+    assert not model.config.tie_word_embeddings
+    ids = np.array([[7, 8, 9]], np.int32)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(ids).long()).logits.numpy()
+    np.testing.assert_allclose(forward_last(model, ids), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_gpt2_task_prefix_and_mask_buffers_are_handled(gpt2_dir, tmp_path):
+    """Old GPT-2 checkpoints carry 'h.N.attn.bias' causal-mask buffers: skipped, not loaded."""
+    def add_buffers(tensors):
+        tensors = dict(tensors)
+        tensors["transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+        tensors["transformer.h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+        return tensors
+    model = attnjax.load(copy_with(gpt2_dir, tmp_path, tensors=add_buffers))
+    reference = attnjax.load(gpt2_dir)
+    ids = np.array([[1, 2, 3]], np.int32)
+    np.testing.assert_array_equal(forward_last(model, ids), forward_last(reference, ids))
+
+
+def test_bert_legacy_gamma_beta_names(bert_dir, tmp_path):
+    """Old BERT checkpoints name LayerNorm weights gamma/beta; same numbers."""
+    def rename(tensors):
+        return {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                for k, v in tensors.items()}
+    legacy = attnjax.load(copy_with(bert_dir, tmp_path, tensors=rename))
+    modern = attnjax.load(bert_dir)
+    ids = np.array([[1, 2, 3, 4]], np.int32)
+    np.testing.assert_array_equal(forward_last(legacy, ids), forward_last(modern, ids))
+
+
+def test_bert_with_task_prefix_and_head(bert_dir, tmp_path):
+    """BertForMaskedLM-style files: 'bert.' prefix and a 'cls.' head the port does not use."""
+    def prefix(tensors):
+        out = {f"bert.{k}": v for k, v in tensors.items()}
+        out["cls.predictions.bias"] = np.zeros(120, np.float32)
+        return out
+    model = attnjax.load(copy_with(bert_dir, tmp_path, tensors=prefix))
+    ids = np.array([[5, 6, 7]], np.int32)
+    np.testing.assert_array_equal(forward_last(model, ids), forward_last(attnjax.load(bert_dir), ids))
+
+
+def test_missing_key_is_named(bert_dir, tmp_path):
+    def drop(tensors):
+        return {k: v for k, v in tensors.items() if k != "encoder.layer.1.attention.self.key.weight"}
+    with pytest.raises(CheckpointError, match=r"missing weight 'encoder\.layer\.1\.attention\.self\.key\.weight'"):
+        attnjax.load(copy_with(bert_dir, tmp_path, tensors=drop))
+
+
+def test_unexpected_key_is_named(bert_dir, tmp_path):
+    def extra(tensors):
+        return dict(tensors, **{"encoder.layer.0.attention.self.rotary.weight": np.zeros(3, np.float32)})
+    with pytest.raises(CheckpointError, match=r"unexpected weight 'encoder\.layer\.0\.attention\.self\.rotary\.weight'"):
+        attnjax.load(copy_with(bert_dir, tmp_path, tensors=extra))
+
+
+def test_wrong_shape_is_named(gpt2_dir, tmp_path):
+    def shrink(tensors):
+        return dict(tensors, **{"transformer.wpe.weight": tensors["transformer.wpe.weight"][:10]})
+    with pytest.raises(CheckpointError, match=r"'wpe\.weight' has shape \(10, 32\).*\(64, 32\)"):
+        attnjax.load(copy_with(gpt2_dir, tmp_path, tensors=shrink))
+
+
+def test_nan_weight_is_refused(bert_dir, tmp_path):
+    def poison(tensors):
+        bad = tensors["pooler.dense.bias"].copy()
+        bad[0] = np.nan
+        return dict(tensors, **{"pooler.dense.bias": bad})
+    with pytest.raises(CheckpointError, match=r"'pooler\.dense\.bias' holds NaN"):
+        attnjax.load(copy_with(bert_dir, tmp_path, tensors=poison))
+
+
+def test_config_that_does_not_match_weights(bert_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="shape"):
+        attnjax.load(copy_with(bert_dir, tmp_path, config=lambda c: dict(c, intermediate_size=40)))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("position_embedding_type", "relative_key"),
+    ("is_decoder", True),
+])
+def test_unsupported_bert_option(bert_dir, tmp_path, option, value):
+    with pytest.raises(UnsupportedConfigError, match=f"{option}={value!r}"):
+        attnjax.load(copy_with(bert_dir, tmp_path, config=lambda c: dict(c, **{option: value})))
+
+
+def test_unsupported_activation(gpt2_dir, tmp_path):
+    with pytest.raises(UnsupportedConfigError, match=r"activation 'quick_gelu'.*activation_function"):
+        attnjax.load(copy_with(gpt2_dir, tmp_path, config=lambda c: dict(c, activation_function="quick_gelu")))
+
+
+def test_unsupported_model_type(bert_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="model_type='llama'"):
+        attnjax.load(copy_with(bert_dir, tmp_path, config=lambda c: dict(c, model_type="llama")))
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10,
+                                                      "hidden_size": 8, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2, "intermediate_size": 8}))
+    marker = tmp_path / "pwned"
+    # A pickle that would create a file if it were ever unpickled.
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match="pickle.*arbitrary code"):
+        attnjax.load(tmp_path)
+    assert not marker.exists()
+
+
+def test_missing_and_corrupt_safetensors(bert_dir, tmp_path):
+    (tmp_path / "config.json").write_bytes((bert_dir / "config.json").read_bytes())
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        attnjax.load(tmp_path)
+    data = (bert_dir / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        attnjax.load(tmp_path)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        attnjax.load(tmp_path)
+
+
+def test_unknown_name_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="local directory"):
+        attnjax.load("no-such-org/no-such-model")
+    with pytest.raises(CheckpointError, match="Unknown model"):
+        attnjax.load("./definitely/not/here")
+
+
+def test_layers_selection(gpt2_dir):
+    model = attnjax.load(gpt2_dir)
+    ids = np.array([[1, 2, 3]], np.int32)
+    _, full = model.forward(model.params, ids, capture=Capture(attention=True))
+    _, one = model.forward(model.params, ids, capture=Capture(attention=True, layers=(1,)))
+    assert one.layers == (1,) and one.attention.shape[0] == 1
+    np.testing.assert_array_equal(one.attention[0], full.attention[1])
+    with pytest.raises(ValueError, match="names layer 5, but the model has 2 layers"):
+        model.forward(model.params, ids, capture=Capture(attention=True, layers=(5,)))
