@@ -140,3 +140,32 @@ def test_custom_attention_function_is_used(gpt2):
     np.testing.assert_allclose(trace.attention[0, 0, 0, 3], [0.25] * 4)
     with pytest.raises(ValueError, match="custom attention function cannot produce"):
         gpt2.forward(gpt2.params, ids, capture=Capture(stats=True), attention_impl=uniform_attention)
+
+
+def all_shapes(jaxpr):
+    """Shapes of every intermediate in a jaxpr, recursing into loops and calls."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield tuple(getattr(var.aval, "shape", ()))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from all_shapes(inner)
+
+
+def test_empty_capture_builds_no_attention_matrix(tmp_path):
+    """With Capture() the traced program holds no (T, T) array; with attention it does."""
+    tiny_gpt2(tmp_path, with_tokenizer=False, n_positions=1200)
+    model = attnjax.load(tmp_path)
+    seq_len = 1100  # over one 512-key block, so the blockwise kernel never holds a T x T tile
+    ids = np.ones((1, seq_len), np.int32)
+
+    def shapes(capture):
+        jaxpr = jax.make_jaxpr(lambda p, x: model.forward(p, x, capture=capture))(model.params, ids)
+        return list(all_shapes(jaxpr.jaxpr))
+
+    square = lambda shape: len(shape) >= 2 and shape[-2:] == (seq_len, seq_len)
+    assert any(square(s) for s in shapes(Capture(attention=True))), "the check must see a T x T matrix"
+    assert not any(square(s) for s in shapes(Capture()))
+    assert not any(square(s) for s in shapes(Capture(stats=True, hidden_states=True)))

@@ -1,0 +1,301 @@
+"""What every analysis shares: reading a Trace, checking it, and naming its axes.
+
+Shapes (as in attnjax.trace): L recorded layers, B sequences, H heads, T positions.
+Analyses see a Trace through three helpers:
+
+- ``as_traces``      one Trace or a sequence of Traces (a corpus) -> a checked list;
+- ``require_attention`` / ``has_attention``  whether full (L, B, H, T, T) maps exist;
+- ``validate_attention``  rows sum to 1 over visible keys, nothing on invisible keys.
+
+Nothing here modifies a Trace: jax arrays are immutable, and token tuples are read only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.trace import Trace
+
+TraceOrTraces = Union[Trace, Sequence[Trace]]
+
+# Token strings that mark a model's special tokens. BERT-style ([CLS]/[SEP]) and
+# RoBERTa-style (<s>/</s>) vocabularies; GPT-2 has neither, so its cls/sep are NaN.
+CLS_TOKENS: Tuple[str, ...] = ("[CLS]", "<s>")
+SEP_TOKENS: Tuple[str, ...] = ("[SEP]", "</s>")
+# Clark et al. 2019 count attention to "." and "," as attention to punctuation.
+PUNCTUATION_TOKENS: Tuple[str, ...] = (".", ",")
+# Word-start markers some tokenizers prefix to a token (GPT-2 byte BPE "Ġ",
+# SentencePiece "▁"); stripped before comparing with PUNCTUATION_TOKENS.
+WORD_START_MARKERS = ("Ġ", "▁")
+
+# Rows must sum to 1 within this tolerance, scaled for low-precision maps
+# (bfloat16 has 8 mantissa bits: one rounding of a row sum is ~4e-3).
+ROW_SUM_ATOL = {np.dtype("float64"): 1e-6, np.dtype("float32"): 1e-3}
+LOW_PRECISION_ROW_SUM_ATOL = 2e-2
+
+# Index used in the `head` column for rows that describe a whole layer or the
+# mean over heads rather than one head.
+ALL_HEADS = -1
+
+
+def as_traces(trace: TraceOrTraces) -> list:
+    """One Trace or a sequence of them -> a non-empty list with compatible shapes."""
+    traces = [trace] if isinstance(trace, Trace) else list(trace)
+    if not traces:
+        raise ValueError("Got an empty list of Traces; pass at least one Trace from attnjax.run.")
+    for index, item in enumerate(traces):
+        if not isinstance(item, Trace):
+            raise TypeError(
+                f"Expected an attnjax Trace (or a list of them), got {type(item).__name__} "
+                f"at position {index}."
+            )
+        check_trace(item)
+    first = traces[0]
+    for index, item in enumerate(traces[1:], start=1):
+        if layer_ids(item) != layer_ids(first) or item.num_heads != first.num_heads:
+            raise ValueError(
+                f"Trace {index} holds layers {layer_ids(item)} x {item.num_heads} heads, but "
+                f"trace 0 holds layers {layer_ids(first)} x {first.num_heads} heads; a corpus "
+                "must come from one model with one Capture."
+            )
+        if has_attention(item) != has_attention(first):
+            raise ValueError(
+                f"Trace {index} {'has' if has_attention(item) else 'lacks'} full attention but "
+                f"trace 0 {'has' if has_attention(first) else 'lacks'} it; capture the same "
+                "things for every Trace of a corpus."
+            )
+    return traces
+
+
+def check_trace(trace: Trace) -> None:
+    """Shapes agree and the batch is not empty; raises ValueError naming the problem."""
+    if trace.mask is None or np.ndim(trace.mask) != 2:
+        raise ValueError("Trace.mask must be a (batch, seq) boolean array.")
+    batch, seq = trace.mask.shape
+    if batch == 0 or seq == 0:
+        raise ValueError(
+            f"The Trace holds an empty batch (mask shape {tuple(trace.mask.shape)}); "
+            "run the model on at least one non-empty text."
+        )
+    if trace.attention is None and trace.stats is None:
+        raise ValueError(
+            "This Trace holds neither attention nor stats; run with "
+            "Capture(attention=True) or Capture(stats=True)."
+        )
+    if trace.attention is not None:
+        shape = tuple(trace.attention.shape)
+        if len(shape) != 5 or shape[1] != batch or shape[3] != seq or shape[4] != seq:
+            raise ValueError(
+                f"Trace.attention has shape {shape}; expected (layers, {batch}, heads, {seq}, {seq}) "
+                f"to match mask {tuple(trace.mask.shape)}."
+            )
+        num_layers = shape[0]
+    else:
+        shape = tuple(trace.stats.entropy.shape)
+        if len(shape) != 4 or shape[1] != batch or shape[3] != seq:
+            raise ValueError(
+                f"Trace.stats.entropy has shape {shape}; expected (layers, {batch}, heads, {seq})."
+            )
+        num_layers = shape[0]
+    if num_layers == 0:
+        raise ValueError("The Trace recorded no layers; Capture(layers=...) must name at least one.")
+    if trace.layers and len(trace.layers) != num_layers:
+        raise ValueError(
+            f"Trace.layers = {trace.layers} names {len(trace.layers)} layers but the arrays hold "
+            f"{num_layers}."
+        )
+    if not bool(np.any(np.asarray(trace.mask))):
+        raise ValueError("Every position of the Trace is padding (mask all False); nothing to analyse.")
+
+
+def num_layers(trace: Trace) -> int:
+    array = trace.attention if trace.attention is not None else trace.stats.entropy
+    return int(array.shape[0])
+
+
+def layer_ids(trace: Trace) -> Tuple[int, ...]:
+    """The model layer index of each entry of the L axis (0-based)."""
+    return tuple(trace.layers) if trace.layers else tuple(range(num_layers(trace)))
+
+
+def layer_position(trace: Trace, layer: int) -> int:
+    """Position on the L axis of model layer ``layer``; ValueError if not recorded."""
+    ids = layer_ids(trace)
+    if layer not in ids:
+        raise ValueError(f"Layer {layer} is not in this Trace; it recorded layers {ids}.")
+    return ids.index(layer)
+
+
+def check_head(trace: Trace, head: int) -> None:
+    if not 0 <= head < trace.num_heads:
+        raise ValueError(f"Head {head} is out of range; the model has heads 0..{trace.num_heads - 1}.")
+
+
+def check_sequence(trace: Trace, sequence: int) -> None:
+    if not 0 <= sequence < trace.batch_size:
+        raise ValueError(
+            f"Sequence {sequence} is out of range; the Trace holds sequences 0..{trace.batch_size - 1}."
+        )
+
+
+def has_attention(trace: Trace) -> bool:
+    return trace.attention is not None
+
+
+def require_attention(trace: Trace, what: str) -> None:
+    if trace.attention is None:
+        raise ValueError(
+            f"{what} needs the full attention maps, but this Trace holds only streaming stats; "
+            "run with Capture(attention=True) (short inputs) to use it."
+        )
+
+
+def token_strings(trace: Trace) -> Optional[np.ndarray]:
+    """(B, T) object array of token strings, or None when the Trace carries none."""
+    if trace.tokens is None:
+        return None
+    batch, seq = trace.mask.shape
+    if len(trace.tokens) != batch or any(len(row) != seq for row in trace.tokens):
+        raise ValueError(
+            f"Trace.tokens must hold {batch} sequences of {seq} strings (padded like the mask)."
+        )
+    return np.array(trace.tokens, dtype=object).reshape(batch, seq)
+
+
+def token_classes(
+    trace: Trace,
+    cls_tokens: Sequence[str] = CLS_TOKENS,
+    sep_tokens: Sequence[str] = SEP_TOKENS,
+    punctuation: Sequence[str] = PUNCTUATION_TOKENS,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Which keys are [CLS]-like, [SEP]-like and punctuation.
+
+    Returns (classes (B, T, 3) float32 with channels cls, sep, punctuation;
+    present (3,) bool: whether the class occurs at any non-padding position).
+    Without tokens on the Trace every class is absent.
+    """
+    batch, seq = trace.mask.shape
+    tokens = token_strings(trace)
+    classes = np.zeros((batch, seq, 3), np.float32)  # (B, T, 3)
+    if tokens is None:
+        return classes, np.zeros(3, bool)
+    stripped = np.vectorize(_strip_word_start, otypes=[object])(tokens)  # (B, T)
+    classes[..., 0] = np.isin(tokens, list(cls_tokens))
+    classes[..., 1] = np.isin(tokens, list(sep_tokens))
+    classes[..., 2] = np.isin(stripped, list(punctuation))
+    classes *= np.asarray(trace.mask, bool)[..., None]
+    present = classes.reshape(-1, 3).any(axis=0)
+    return classes, present
+
+
+def _strip_word_start(token: str) -> str:
+    for marker in WORD_START_MARKERS:
+        if token.startswith(marker) and len(token) > len(marker):
+            return token[len(marker):]
+    return token
+
+
+def visible_keys(mask: jax.Array, causal: bool) -> jax.Array:
+    """(B, T, T) bool: key k is visible from query i (non-padding, and k <= i if causal)."""
+    visible = mask[:, None, :]  # (B, 1, T)
+    seq = mask.shape[1]
+    if causal:
+        visible = visible & jnp.tril(jnp.ones((seq, seq), bool))[None]  # (B, T, T)
+    return jnp.broadcast_to(visible, (mask.shape[0], seq, seq))  # (B, T, T)
+
+
+def row_sum_atol(dtype) -> float:
+    return ROW_SUM_ATOL.get(np.dtype(dtype), LOW_PRECISION_ROW_SUM_ATOL)
+
+
+@functools.partial(jax.jit, static_argnames=("causal",))
+def attention_errors(attention: jax.Array, mask: jax.Array, *, causal: bool) -> dict:
+    """How far each non-padding query row is from a distribution over its visible keys.
+
+    attention (L, B, H, T, T). Returns scalars: the worst |row sum - 1|, the most mass
+    on an invisible key, the most negative entry, whether any entry is non-finite,
+    and the flat (L, B, H, T) index of the worst row-sum error.
+    """
+    probs = attention.astype(jnp.float32)  # (L, B, H, T, T)
+    visible = visible_keys(mask, causal)[None, :, None]  # (1, B, 1, T, T)
+    query = mask[None, :, None, :]  # (1, B, 1, T)
+    row_error = jnp.where(query, jnp.abs(probs.sum(-1) - 1.0), 0.0)  # (L, B, H, T)
+    hidden = jnp.where(visible, 0.0, jnp.abs(probs))  # (L, B, H, T, T)
+    hidden = jnp.where(query, hidden.max(-1), 0.0)  # (L, B, H, T)
+    negative = jnp.where(query[..., None], probs, 0.0).min()
+    finite = jnp.all(jnp.isfinite(jnp.where(query[..., None], probs, 0.0)))
+    return {
+        "row_error": row_error.max(),
+        "worst_row": jnp.argmax(row_error.reshape(-1)),
+        "hidden_mass": hidden.max(),
+        "negative": negative,
+        "finite": finite,
+    }
+
+
+def validate_attention(trace: Trace, errors: Optional[dict] = None) -> None:
+    """Raise ValueError unless every non-padding query row is a distribution over visible keys.
+
+    ``errors`` may be the output of ``attention_errors`` computed elsewhere (to share a pass).
+    """
+    if errors is None:
+        errors = attention_errors(trace.attention, trace.mask, causal=trace.causal)
+    errors = jax.device_get(errors)
+    atol = row_sum_atol(trace.attention.dtype)
+    if not bool(errors["finite"]):
+        raise ValueError("Trace.attention holds NaN or inf at non-padding queries; the forward pass diverged.")
+    if float(errors["negative"]) < -atol:
+        raise ValueError(
+            f"Trace.attention has a negative weight ({float(errors['negative']):.3g}); attention "
+            "must be softmax probabilities, not scores."
+        )
+    if float(errors["row_error"]) > atol:
+        shape = trace.attention.shape[:4]
+        layer, sequence, head, query = np.unravel_index(int(errors["worst_row"]), shape)
+        raise ValueError(
+            f"Trace.attention rows must sum to 1 over the keys (tolerance {atol:g}); the row of "
+            f"layer {layer_ids(trace)[layer]}, head {head}, sequence {sequence}, query {query} "
+            f"is off by {float(errors['row_error']):.3g}. Pass softmax probabilities (not scores "
+            "or a renormalised subset)."
+        )
+    if float(errors["hidden_mass"]) > atol:
+        what = "padding or future keys" if trace.causal else "padding keys"
+        raise ValueError(
+            f"Trace.attention puts weight {float(errors['hidden_mass']):.3g} on {what}; attention "
+            "must be 0 on keys the mask hides. Check that Trace.mask matches the forward's mask "
+            "and Trace.causal the model."
+        )
+
+
+def earlier_matches(input_ids: jax.Array, mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Token-repeat selectors of Olsson et al. 2022 (as TransformerLens builds them).
+
+    duplicate[b, i, k]: key k < i holds the same token as query i (both non-padding).
+    induction[b, i, k]: key k - 1 is such an earlier occurrence, i.e. k is the token
+    right after an earlier copy of the current token. Both (B, T, T) bool.
+    """
+    seq = input_ids.shape[1]
+    same = input_ids[:, :, None] == input_ids[:, None, :]  # (B, T, T)
+    earlier = jnp.tril(jnp.ones((seq, seq), bool), k=-1)[None]  # (1, T, T) k < i
+    both = mask[:, :, None] & mask[:, None, :]  # (B, T, T)
+    duplicate = same & earlier & both  # (B, T, T)
+    shifted = jnp.pad(duplicate[:, :, :-1], ((0, 0), (0, 0), (1, 0)))  # (B, T, T) [i, k] = dup[i, k-1]
+    induction = shifted & mask[:, None, :]  # (B, T, T)
+    return duplicate, induction
+
+
+def positions_distance(seq: int) -> jax.Array:
+    """(T, T) float32 |i - k|."""
+    position = jnp.arange(seq)
+    return jnp.abs(position[:, None] - position[None, :]).astype(jnp.float32)  # (T, T)
+
+
+def xlogx(probs: jax.Array) -> jax.Array:
+    """p log p with 0 log 0 = 0 (natural log)."""
+    safe = jnp.where(probs > 0, probs, 1.0)
+    return jnp.where(probs > 0, probs * jnp.log(safe), 0.0)

@@ -1,0 +1,281 @@
+"""Per-head attention scores (Clark et al. 2019; Olsson et al. 2022), one row per head.
+
+For head (l, h) and a non-padding query i of sequence b, p = attention[l, b, h, i, :]
+is a distribution over the keys visible to i (non-padding keys; keys <= i for causal
+models). Every score is a mean over queries of a per-query quantity; the mean runs over
+every eligible query of every sequence in the batch (or corpus), each counted once:
+
+==================  =========================================  ==============================
+column              per-query quantity                         eligible queries
+==================  =========================================  ==============================
+entropy             -sum_k p_k ln p_k (nats; Clark et al.)     every non-padding query
+normalized_entropy  entropy / ln(number of visible keys)       ... with at least 2 visible keys
+max_weight          max_k p_k                                  every non-padding query
+self                p_i                                        every non-padding query
+previous_token      p_(i-1) (Clark's np.eye(n, n, -1))         i >= 1 with i - 1 non-padding
+next_token          p_(i+1) (0 for causal models)              i + 1 exists and is non-padding
+first_token         p_0 (key position 0: [CLS] / the sink)     every non-padding query
+cls                 sum of p over [CLS]-like keys              every non-padding query
+sep                 sum of p over [SEP]-like keys              every non-padding query
+punctuation         sum of p over "." and "," keys             every non-padding query
+mean_distance       sum_k p_k |i - k| (tokens)                 every non-padding query
+duplicate           sum of p over earlier k < i with the       queries whose token occurred
+                    same token id (Olsson et al. 2022)         earlier in the sequence
+induction           sum of p over keys k whose previous        same as duplicate
+                    token k - 1 is an earlier occurrence of
+                    the current token (Olsson et al. 2022;
+                    TransformerLens's induction diagonal)
+==================  =========================================  ==============================
+
+cls / sep / punctuation are NaN when no key of that class occurs (e.g. GPT-2 has no
+[CLS]); induction / duplicate are NaN when no token repeats. With a stats-only Trace
+(Capture(stats=True), no T x T maps) entropy, normalized_entropy, max_weight, self,
+previous_token, first_token and mean_distance come from the per-query statistics, and
+cls / sep / punctuation from ``received`` (column sums over non-padding queries: the mean
+mass on a key set is the sum of its received mass over the number of queries); next_token,
+induction and duplicate need the maps and are NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from attnjax.analysis._common import (
+    CLS_TOKENS,
+    PUNCTUATION_TOKENS,
+    SEP_TOKENS,
+    TraceOrTraces,
+    as_traces,
+    attention_errors,
+    earlier_matches,
+    has_attention,
+    layer_ids,
+    positions_distance,
+    token_classes,
+    validate_attention,
+    visible_keys,
+    xlogx,
+)
+from attnjax.trace import Trace
+
+# Score columns of head_scores, in order (after `layer`, `head`, `n_queries`).
+SCORE_COLUMNS: Tuple[str, ...] = (
+    "entropy", "normalized_entropy", "max_weight", "self", "previous_token", "next_token",
+    "first_token", "cls", "sep", "punctuation", "mean_distance", "induction", "duplicate",
+)
+# Columns the streaming statistics cannot give (NaN for stats-only Traces).
+NEEDS_MAPS: Tuple[str, ...] = ("next_token", "induction", "duplicate")
+
+# Which queries each score averages over (see the module docstring).
+_ELIGIBLE = {
+    "entropy": "query", "normalized_entropy": "spread", "max_weight": "query", "self": "query",
+    "previous_token": "previous", "next_token": "next", "first_token": "query", "cls": "query",
+    "sep": "query", "punctuation": "query", "mean_distance": "query", "induction": "repeat",
+    "duplicate": "repeat",
+}
+_CLASS_COLUMNS = ("cls", "sep", "punctuation")
+
+
+def head_scores(
+    trace: TraceOrTraces,
+    *,
+    cls_tokens: Sequence[str] = CLS_TOKENS,
+    sep_tokens: Sequence[str] = SEP_TOKENS,
+    punctuation: Sequence[str] = PUNCTUATION_TOKENS,
+) -> pd.DataFrame:
+    """One row per (layer, head) of attention scores averaged over queries.
+
+    trace: a Trace, or a list of Traces from one model (a corpus); full attention
+    (L, B, H, T, T) is used when present, else the streaming AttentionStats.
+
+    Columns:
+      layer (int, model layer index), head (int), n_queries (int: non-padding queries
+      averaged over), then the floats of SCORE_COLUMNS defined in the module docstring:
+      entropy, normalized_entropy, max_weight, self, previous_token, next_token,
+      first_token, cls, sep, punctuation, mean_distance, induction, duplicate;
+      then source (str: "attention" or "stats", what the row was computed from).
+
+    Raises ValueError for an empty batch, or attention rows that are not distributions
+    over the visible keys.
+    """
+    traces = as_traces(trace)
+    sums: Optional[Dict[str, np.ndarray]] = None
+    counts: Optional[Dict[str, np.ndarray]] = None
+    present = np.zeros(3, bool)
+    for item in traces:
+        classes, item_present = token_classes(item, cls_tokens, sep_tokens, punctuation)
+        present |= item_present
+        item_sums, item_counts = score_sums(item, classes)
+        if sums is None:
+            sums, counts = item_sums, item_counts
+        else:
+            sums = {name: sums[name] + item_sums[name] for name in sums}
+            counts = {name: counts[name] + item_counts[name] for name in counts}
+    first = traces[0]
+    source = "attention" if has_attention(first) else "stats"
+    means = {}
+    for name in SCORE_COLUMNS:
+        if name not in sums:
+            means[name] = np.full(sums["entropy"].shape, np.nan)
+            continue
+        count = counts[_ELIGIBLE[name]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[name] = np.where(count > 0, sums[name] / np.maximum(count, 1), np.nan)
+    for channel, name in enumerate(_CLASS_COLUMNS):
+        if not present[channel]:
+            means[name] = np.full_like(means[name], np.nan)
+    return _frame(layer_ids(first), counts["query"], means, source)
+
+
+def _frame(layers, n_queries, means, source) -> pd.DataFrame:
+    num_layers, num_heads = means["entropy"].shape
+    layer_column = np.repeat(np.asarray(layers, np.int64), num_heads)
+    head_column = np.tile(np.arange(num_heads, dtype=np.int64), num_layers)
+    columns = {"layer": layer_column, "head": head_column,
+               "n_queries": np.full(num_layers * num_heads, int(n_queries), np.int64)}
+    for name in SCORE_COLUMNS:
+        columns[name] = means[name].reshape(-1).astype(np.float64)
+    columns["source"] = source
+    return pd.DataFrame(columns)
+
+
+def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool) -> Dict[str, jax.Array]:
+    """(B, T) float32 selectors of the eligible queries of each score (module docstring)."""
+    mask = mask.astype(bool)
+    seq = mask.shape[1]
+    visible = visible_keys(mask, causal)  # (B, T, T)
+    n_visible = visible.sum(-1)  # (B, T)
+    before = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)))  # (B, T) position i - 1 is a token
+    after = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))  # (B, T) position i + 1 is a token
+    duplicate, _ = earlier_matches(input_ids, mask)  # (B, T, T)
+    weights = {
+        "query": mask,
+        "spread": mask & (n_visible >= 2),
+        "previous": mask & before,
+        "next": mask & after,
+        "repeat": mask & duplicate.any(-1),
+    }
+    del seq
+    return {name: value.astype(jnp.float32) for name, value in weights.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("causal",))
+def attention_terms(
+    attention: jax.Array, mask: jax.Array, input_ids: jax.Array, classes: jax.Array, *, causal: bool
+) -> Dict[str, jax.Array]:
+    """Per-query quantities of every score from full maps, plus validation errors.
+
+    attention (L, B, H, T, T); mask, input_ids (B, T); classes (B, T, 3) float32
+    (cls, sep, punctuation keys). Returns (L, B, H, T) float32 arrays keyed by score
+    name, plus ``top2`` (sum of the two largest weights), ``argmax`` (int32, first
+    maximum), and ``errors`` (see _common.attention_errors).
+    """
+    probs = attention.astype(jnp.float32)  # (L, B, H, T, T)
+    mask = mask.astype(bool)
+    seq = mask.shape[1]
+    visible = visible_keys(mask, causal)  # (B, T, T)
+    n_visible = visible.sum(-1).astype(jnp.float32)  # (B, T)
+    duplicate, induction = earlier_matches(input_ids, mask)  # (B, T, T)
+
+    entropy = -xlogx(probs).sum(-1)  # (L, B, H, T)
+    log_visible = jnp.log(jnp.maximum(n_visible, 2.0))[None, :, None]  # (1, B, 1, T)
+    max_weight = probs.max(-1)  # (L, B, H, T)
+    argmax = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # (L, B, H, T)
+    is_top = jnp.arange(seq) == argmax[..., None]  # (L, B, H, T, T)
+    second = jnp.where(is_top, -1.0, probs).max(-1)  # (L, B, H, T)
+    diagonal = jnp.diagonal(probs, 0, -2, -1)  # (L, B, H, T)
+    below = jnp.pad(jnp.diagonal(probs, -1, -2, -1), ((0, 0),) * 3 + ((1, 0),))  # (L, B, H, T)
+    above = jnp.pad(jnp.diagonal(probs, 1, -2, -1), ((0, 0),) * 3 + ((0, 1),))  # (L, B, H, T)
+    class_mass = jnp.einsum("LBHQK,BKC->LBHQC", probs, classes)  # (L, B, H, T, 3)
+    distance = positions_distance(seq)  # (T, T)
+
+    def selected(selector):  # (B, T, T) bool -> (L, B, H, T)
+        return jnp.where(selector[None, :, None], probs, 0.0).sum(-1)
+
+    return {
+        "entropy": entropy,
+        "normalized_entropy": entropy / log_visible,
+        "max_weight": max_weight,
+        "self": diagonal,
+        "previous_token": below,
+        "next_token": above,
+        "first_token": probs[..., 0],
+        "cls": class_mass[..., 0],
+        "sep": class_mass[..., 1],
+        "punctuation": class_mass[..., 2],
+        "mean_distance": (probs * distance).sum(-1),
+        "induction": selected(induction),
+        "duplicate": selected(duplicate),
+        "top2": max_weight + jnp.maximum(second, 0.0),
+        "argmax": argmax,
+        "errors": attention_errors(attention, mask, causal=causal),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("causal",))
+def stats_terms(stats, mask: jax.Array, classes: jax.Array, *, causal: bool) -> Dict[str, jax.Array]:
+    """Per-query quantities that the streaming AttentionStats give, (L, B, H, T) each.
+
+    cls / sep / punctuation are returned per (L, B, H) as summed mass over the batch's
+    queries (from ``received``), under the keys ``cls_total`` etc.
+    """
+    mask = mask.astype(bool)
+    n_visible = visible_keys(mask, causal).sum(-1).astype(jnp.float32)  # (B, T)
+    log_visible = jnp.log(jnp.maximum(n_visible, 2.0))[None, :, None]  # (1, B, 1, T)
+    entropy = stats.entropy.astype(jnp.float32)  # (L, B, H, T)
+    received = stats.received.astype(jnp.float32)  # (L, B, H, T)
+    class_total = jnp.einsum("LBHK,BKC->LBHC", received, classes)  # (L, B, H, 3)
+    return {
+        "entropy": entropy,
+        "normalized_entropy": entropy / log_visible,
+        "max_weight": stats.max_prob.astype(jnp.float32),
+        "self": stats.self_mass.astype(jnp.float32),
+        "previous_token": stats.prev_mass.astype(jnp.float32),
+        "first_token": stats.first_mass.astype(jnp.float32),
+        "mean_distance": stats.mean_distance.astype(jnp.float32),
+        "top2": stats.max_prob.astype(jnp.float32),
+        "argmax": stats.argmax.astype(jnp.int32),
+        "cls_total": class_total[..., 0],
+        "sep_total": class_total[..., 1],
+        "punctuation_total": class_total[..., 2],
+    }
+
+
+def trace_terms(trace: Trace, classes: np.ndarray) -> Dict[str, jax.Array]:
+    """attention_terms or stats_terms for one Trace; validates full maps."""
+    if has_attention(trace):
+        terms = attention_terms(
+            trace.attention, trace.mask, trace.input_ids, jnp.asarray(classes), causal=trace.causal
+        )
+        validate_attention(trace, terms["errors"])
+        return terms
+    return stats_terms(trace.stats, trace.mask, jnp.asarray(classes), causal=trace.causal)
+
+
+@jax.jit
+def _weighted_sums(terms: Dict[str, jax.Array], weights: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    out = {}
+    for name, value in terms.items():
+        out[name] = jnp.einsum("LBHQ,BQ->LH", value, weights[_ELIGIBLE[name]])  # (L, H)
+    return out
+
+
+def score_sums(trace: Trace, classes: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Sums over eligible queries (L, H) of every available score, and the query counts."""
+    terms = trace_terms(trace, classes)
+    weights = query_weights(trace.mask, trace.input_ids, trace.causal)
+    per_query = {name: terms[name] for name in SCORE_COLUMNS if name in terms}
+    sums = jax.device_get(_weighted_sums(per_query, weights))
+    sums = {name: np.asarray(value, np.float64) for name, value in sums.items()}
+    if not has_attention(trace):
+        for name in _CLASS_COLUMNS:
+            sums[name] = np.asarray(jax.device_get(terms[f"{name}_total"].sum(1)), np.float64)  # (L, H)
+    counts = {name: float(np.asarray(value).sum()) for name, value in jax.device_get(weights).items()}
+    counts = {name: np.float64(value) for name, value in counts.items()}
+    return sums, counts

@@ -1,0 +1,185 @@
+"""Plain jnp softmax attention and its statistics: the truth every other kernel is tested against.
+
+Everything here builds the full (Tq, Tk) score matrix, so it is for small sizes only.
+Semantics (shared by every implementation in attnjax.kernels):
+
+- q, k, v are (batch, seq, heads, head_dim), as in ``jax.nn.dot_product_attention``;
+- scores ``s_ik = scale * q_i . k_k`` with ``scale = 1 / sqrt(head_dim)`` by default;
+- ``mask`` (batch, seq) marks real tokens (True / nonzero). A key whose mask is False
+  is invisible to every query. Queries are never masked: a padding query still
+  attends to the visible keys (its row is a normal softmax row);
+- ``causal``: key k is visible to query i only if k <= i (on top of the key mask);
+- invisible scores hold the large finite ``MASK_VALUE`` (not -inf, which makes NaN
+  in -inf - -inf and 0 * -inf); their probabilities are exactly 0;
+- a query with no visible key (a fully masked row) gets a zero output row, zero
+  probabilities and every statistic 0 (argmax 0), never NaN.
+
+Arithmetic runs in float32 (float64 for float64 inputs) with full-precision matmuls;
+the output is cast back to the input dtype. The statistics are the ones documented in
+``attnjax.kernels.stats.AttentionStats``; see ``reference_stats`` for how each is read
+off the full matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax.kernels.stats import AttentionStats
+
+# Large finite negative logit for invisible keys (about -0.7 * float32 max, as in
+# JAX's own Pallas attention ops): finite, so masked arithmetic never makes NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for half and single precision inputs, float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def matmul_precision(dtype):
+    """Full-precision matmuls for float32/float64 inputs (no TF32 on GPU); default for bf16/f16."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else lax.Precision.DEFAULT
+
+
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(head_dim), the Transformer convention."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def visible_keys(mask: Optional[jax.Array], batch: int, num_queries: int, num_keys: int,
+                 causal: bool) -> jax.Array:
+    """(B, 1, Tq, Tk) bool: whether query i may attend to key k.
+
+    ``mask`` (B, Tk) bool or None (every key visible); ``causal`` adds k <= i.
+    """
+    if mask is None:
+        mask = jnp.ones((batch, num_keys), dtype=bool)  # (B, Tk)
+    visible = mask.astype(bool)[:, None, None, :]  # (B, 1, 1, Tk)
+    if causal:
+        query_pos = jnp.arange(num_queries)[:, None]  # (Tq, 1)
+        key_pos = jnp.arange(num_keys)[None, :]  # (1, Tk)
+        lower = key_pos <= query_pos  # (Tq, Tk)
+        visible = visible & lower[None, None]  # (B, 1, Tq, Tk)
+    return jnp.broadcast_to(visible, (batch, 1, num_queries, num_keys))  # (B, 1, Tq, Tk)
+
+
+def reference_attention_weights(
+    q: jax.Array,
+    k: jax.Array,
+    mask: Optional[jax.Array] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
+    """Scores and softmax probabilities of plain attention, the full matrices.
+
+    q, k: (B, T, N, H). mask: (B, T) bool (True at real tokens) or None.
+    Returns ``(scores, probs)``, each (B, N, Tq, Tk) in float32 (float64 for float64
+    inputs). ``scores`` is ``scale * q.k`` at visible keys and ``MASK_VALUE`` elsewhere;
+    ``probs`` is the softmax over keys, exactly 0 at invisible keys, and a row with no
+    visible key is all zeros.
+    """
+    acc = accumulation_dtype(q.dtype)
+    batch, num_queries, _, head_dim = q.shape
+    num_keys = k.shape[1]
+    scale = default_scale(head_dim) if scale is None else float(scale)
+    visible = visible_keys(mask, batch, num_queries, num_keys, causal)  # (B, 1, Tq, Tk)
+    scores = jnp.einsum(
+        "BTNH,BSNH->BNTS", q.astype(acc), k.astype(acc), precision=lax.Precision.HIGHEST
+    ) * scale  # (B, N, Tq, Tk)
+    scores = jnp.where(visible, scores, MASK_VALUE)  # (B, N, Tq, Tk)
+    probs = jax.nn.softmax(scores, axis=-1)  # (B, N, Tq, Tk)
+    probs = jnp.where(visible, probs, 0.0)  # (B, N, Tq, Tk)
+    return scores, probs
+
+
+def pool_bins(length: int, pool: int) -> jax.Array:
+    """(length,) int32: the pooled-map bin of each position, floor(t * P / T)."""
+    return (jnp.arange(length, dtype=jnp.int32) * pool) // length  # (T,)
+
+
+def reference_stats(
+    scores: jax.Array,
+    probs: jax.Array,
+    mask: Optional[jax.Array] = None,
+    pool: Optional[int] = None,
+) -> AttentionStats:
+    """AttentionStats read off full (B, N, Tq, Tk) scores and probs (as returned above).
+
+    Definitions, per query row i with p = probs[..., i, :]:
+    lse = logsumexp of the visible scores; entropy = -sum p log p (nats);
+    max_prob = max p; argmax = argmax of the scores (= of p; first maximum on ties);
+    first_mass = p_i0; self_mass = p_ii; prev_mass = p_i,i-1 (0 for i = 0);
+    mean_distance = sum_k p_ik |i - k|. A row with no visible key has all of them 0.
+    received[k] = sum_i p_ik over queries i whose mask is True (all queries when
+    ``mask`` is None). pooled (with ``pool=P``): position t falls in bin
+    floor(t * P / T); cell (a, b) is the mean of p over every (query, key) pair with
+    query in bin a and key in bin b (all queries, padding included), 0 for an empty bin.
+    """
+    batch, _, num_queries, num_keys = probs.shape
+    acc = probs.dtype
+    row_valid = jnp.any(probs > 0, axis=-1)  # (B, N, Tq)
+    lse = jax.nn.logsumexp(scores, axis=-1)  # (B, N, Tq)
+    lse = jnp.where(row_valid, lse, 0.0)  # (B, N, Tq)
+    plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0)  # (B, N, Tq, Tk)
+    entropy = -jnp.sum(plogp, axis=-1)  # (B, N, Tq)
+    max_prob = jnp.max(probs, axis=-1)  # (B, N, Tq)
+    argmax = jnp.where(row_valid, jnp.argmax(scores, axis=-1), 0).astype(jnp.int32)  # (B, N, Tq)
+    first_mass = probs[..., 0]  # (B, N, Tq)
+    self_mass = jnp.diagonal(probs, axis1=-2, axis2=-1)  # (B, N, min(Tq, Tk))
+    prev_mass = jnp.diagonal(probs, offset=-1, axis1=-2, axis2=-1)  # (B, N, Tq - 1)
+    prev_mass = jnp.pad(prev_mass, ((0, 0), (0, 0), (1, 0)))  # (B, N, Tq)
+    query_pos = jnp.arange(num_queries, dtype=acc)[:, None]  # (Tq, 1)
+    key_pos = jnp.arange(num_keys, dtype=acc)[None, :]  # (1, Tk)
+    distance = jnp.abs(query_pos - key_pos)  # (Tq, Tk)
+    mean_distance = jnp.sum(probs * distance[None, None], axis=-1)  # (B, N, Tq)
+    if mask is None:
+        query_weight = jnp.ones((batch, num_queries), dtype=acc)  # (B, Tq)
+    else:
+        query_weight = mask.astype(acc)  # (B, Tq)
+    received = jnp.einsum("BNTS,BT->BNS", probs, query_weight,
+                          precision=lax.Precision.HIGHEST)  # (B, N, Tk)
+    pooled = None
+    if pool is not None:
+        query_bins = jax.nn.one_hot(pool_bins(num_queries, pool), pool, dtype=acc)  # (Tq, P)
+        key_bins = jax.nn.one_hot(pool_bins(num_keys, pool), pool, dtype=acc)  # (Tk, P)
+        sums = jnp.einsum("BNTS,TA,SC->BNAC", probs, query_bins, key_bins,
+                          precision=lax.Precision.HIGHEST)  # (B, N, P, P)
+        cells = jnp.sum(query_bins, axis=0)[:, None] * jnp.sum(key_bins, axis=0)[None, :]  # (P, P)
+        cells = cells[None, None]  # (1, 1, P, P)
+        pooled = jnp.where(cells > 0, sums / jnp.maximum(cells, 1.0), 0.0)  # (B, N, P, P)
+    return AttentionStats(
+        lse=lse, entropy=entropy, max_prob=max_prob, argmax=argmax,
+        first_mass=first_mass, self_mass=self_mass, prev_mass=prev_mass,
+        mean_distance=mean_distance, received=received, pooled=pooled,
+    )
+
+
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: Optional[jax.Array] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    stats: bool = False,
+    pool: Optional[int] = None,
+):
+    """Dense softmax attention. q, k, v: (B, T, N, H); returns out (B, T, N, H) in q's dtype.
+
+    With ``stats=True`` returns ``(out, AttentionStats)`` computed from the full matrix
+    by ``reference_stats``. Differentiable with jax.grad (the statistics too).
+    """
+    scores, probs = reference_attention_weights(q, k, mask, causal, scale)  # (B, N, Tq, Tk) x2
+    acc = probs.dtype
+    out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(acc),
+                     precision=lax.Precision.HIGHEST)  # (B, T, N, H)
+    out = out.astype(q.dtype)  # (B, T, N, H)
+    if not stats:
+        return out
+    return out, reference_stats(scores, probs, mask, pool)

@@ -1,0 +1,133 @@
+"""Shared pieces of the chart builders: inline data, colour options, frame checks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from attnjax.viz.images import SCHEMES
+
+SCALES = ("linear", "log", "quantile")
+LOG_FLOOR = 1e-4          # weights drawn on a log scale are clipped up to this
+QUANTILE_COLOURS = 9      # colours of a quantile scale
+SIGNIFICANT_DIGITS = 4    # digits kept for floats written into a spec
+CANVAS_ABOVE_MARKS = 4096  # charts with more marks than this render on a canvas
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"Unknown colour scheme {scheme!r}; choose one of {sorted(SCHEMES)}.")
+    return scheme
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"Unknown colour scale {scale!r}; choose one of {SCALES}.")
+    return scale
+
+
+def require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str, made_by: str) -> None:
+    """Raise a ValueError naming the columns ``frame`` lacks."""
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"{what} must be a pandas DataFrame (from {made_by}); got {type(frame).__name__}.")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}; it has {list(frame.columns)}. Build it with {made_by}.")
+    if frame.empty:
+        raise ValueError(f"{what} is empty: nothing to draw.")
+
+
+def _round(value: float) -> Optional[float]:
+    if not math.isfinite(value):
+        return None
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def records(frame: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Rows as JSON-ready dicts: floats to 4 significant digits, NaN/inf as null."""
+    frame = frame if columns is None else frame[list(columns)]
+    converted = {}
+    for column in frame.columns:
+        values = frame[column].to_numpy()
+        if values.dtype.kind == "f":
+            converted[column] = [_round(float(v)) for v in values]
+        elif values.dtype.kind in "iub":
+            converted[column] = [v.item() for v in values]
+        else:
+            converted[column] = [None if (isinstance(v, float) and not math.isfinite(v)) else
+                                 (v.item() if isinstance(v, np.generic) else str(v) if v is not None else None)
+                                 for v in values]
+    names = list(converted)
+    return [dict(zip(names, row)) for row in zip(*(converted[n] for n in names))]
+
+
+def inline(frame_or_rows: Any, columns: Optional[Sequence[str]] = None) -> alt.InlineData:
+    """Inline data that bypasses Altair's 5000-row limit (sizes are controlled here)."""
+    rows = records(frame_or_rows, columns) if isinstance(frame_or_rows, pd.DataFrame) else list(frame_or_rows)
+    return alt.InlineData(values=rows)
+
+
+def colour_scale(scheme: str, scale: str, domain: Optional[Sequence[float]] = None) -> alt.Scale:
+    """A colour scale over the weights present (linear), their log, or their quantiles."""
+    check_scheme(scheme)
+    check_scale(scale)
+    extra: Dict[str, Any] = {} if domain is None else {"domain": list(domain)}
+    if scale == "linear":
+        return alt.Scale(scheme=scheme, zero=False, **extra)
+    if scale == "log":
+        return alt.Scale(type="log", scheme=scheme, **extra)
+    return alt.Scale(type="quantile", scheme=alt.SchemeParams(name=scheme, count=QUANTILE_COLOURS))
+
+
+def colour_field(scale: str) -> str:
+    """The field the colour encodes: the weight, or for a log scale the clipped weight."""
+    return "weight_shown" if scale == "log" else "weight"
+
+
+def colour_calculation(scale: str) -> Dict[str, str]:
+    return {"weight_shown": f"max(datum.weight, {LOG_FLOOR})"} if scale == "log" else {}
+
+
+def pooled_note(frame: pd.DataFrame) -> Optional[str]:
+    info = frame.attrs.get("pooled") if hasattr(frame, "attrs") else None
+    if not info:
+        return None
+    return (f"Long input: {info['tokens']} tokens shown as a pooled {info['bins']} x {info['bins']} map "
+            f"(block means from the streaming statistics).")
+
+
+def title(text: str, subtitle: Optional[Sequence[str] | str] = None) -> alt.TitleParams:
+    lines = [subtitle] if isinstance(subtitle, str) else [s for s in (subtitle or []) if s]
+    if lines:
+        return alt.TitleParams(text=text, subtitle=lines, anchor="start")
+    return alt.TitleParams(text=text, anchor="start")
+
+
+def renderer_hint(marks: int) -> Dict[str, Any]:
+    """usermeta telling the exporter which Vega renderer suits this many marks."""
+    return {"attnjax": {"renderer": "canvas" if marks > CANVAS_ABOVE_MARKS else "svg"}}
+
+
+def label_param(name: str, labels: Mapping[int, str] | Sequence[str]) -> alt.Parameter:
+    """A variable parameter holding axis labels by position, for ``labelExpr``."""
+    if not isinstance(labels, Mapping):
+        labels = dict(enumerate(labels))
+    return alt.param(name=name, value={str(int(k)): str(v) for k, v in labels.items()})
+
+
+def label_expr(param_name: str) -> str:
+    return f"{param_name}[datum.value]"
+
+
+def score_columns(frame: pd.DataFrame, exclude: Iterable[str] = ()) -> List[str]:
+    """Numeric columns of a per-head frame, for tooltips."""
+    skip = set(exclude) | {"layer", "head"}
+    return [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
+
+
+def grid_axes(num_layers: int, num_heads: int, cell: int) -> Dict[str, Any]:
+    return {"width": num_heads * cell, "height": num_layers * cell}
