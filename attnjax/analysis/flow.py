@@ -62,7 +62,7 @@ def _layer_maps(attention: jax.Array, mask: jax.Array, *, residual: bool) -> jax
     maps = attention.astype(jnp.float32).mean(axis=2)  # (L, B, T, T)
     if residual:
         seq = maps.shape[-1]
-        maps = maps + jnp.eye(seq, dtype=maps.dtype)  # (L, B, T, T)
+        maps = maps + jnp.eye(seq, dtype=maps.dtype)[None, None]  # (L, B, T, T)
         maps = maps / maps.sum(-1, keepdims=True)  # (L, B, T, T)
     return maps * mask[None, :, None, :]  # (L, B, T, T) padding keys stay 0
 

@@ -148,9 +148,7 @@ def _frame(layers, n_queries, means, source) -> pd.DataFrame:
 def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool) -> Dict[str, jax.Array]:
     """(B, T) float32 selectors of the eligible queries of each score (module docstring)."""
     mask = mask.astype(bool)
-    seq = mask.shape[1]
-    visible = visible_keys(mask, causal)  # (B, T, T)
-    n_visible = visible.sum(-1)  # (B, T)
+    n_visible = visible_keys(mask, causal).sum(-1)  # (B, T)
     before = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)))  # (B, T) position i - 1 is a token
     after = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))  # (B, T) position i + 1 is a token
     duplicate, _ = earlier_matches(input_ids, mask)  # (B, T, T)
@@ -161,7 +159,6 @@ def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool) -> Dict[s
         "next": mask & after,
         "repeat": mask & duplicate.any(-1),
     }
-    del seq
     return {name: value.astype(jnp.float32) for name, value in weights.items()}
 
 
@@ -187,7 +184,7 @@ def attention_terms(
     log_visible = jnp.log(jnp.maximum(n_visible, 2.0))[None, :, None]  # (1, B, 1, T)
     max_weight = probs.max(-1)  # (L, B, H, T)
     argmax = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # (L, B, H, T)
-    is_top = jnp.arange(seq) == argmax[..., None]  # (L, B, H, T, T)
+    is_top = jnp.arange(seq)[None, None, None, None, :] == argmax[..., None]  # (L, B, H, T, T)
     second = jnp.where(is_top, -1.0, probs).max(-1)  # (L, B, H, T)
     diagonal = jnp.diagonal(probs, 0, -2, -1)  # (L, B, H, T)
     below = jnp.pad(jnp.diagonal(probs, -1, -2, -1), ((0, 0),) * 3 + ((1, 0),))  # (L, B, H, T)
@@ -209,7 +206,7 @@ def attention_terms(
         "cls": class_mass[..., 0],
         "sep": class_mass[..., 1],
         "punctuation": class_mass[..., 2],
-        "mean_distance": (probs * distance).sum(-1),
+        "mean_distance": (probs * distance[None, None, None]).sum(-1),
         "induction": selected(induction),
         "duplicate": selected(duplicate),
         "top2": max_weight + jnp.maximum(second, 0.0),

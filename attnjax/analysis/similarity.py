@@ -109,7 +109,7 @@ def _pooled_rows(trace: Trace) -> Tuple[jax.Array, jax.Array]:
     seq = trace.seq_len
     key_bin = np.asarray(pool_bins(seq, bins))
     keys_per_bin = np.bincount(key_bin, minlength=bins).astype(np.float32)  # (P,)
-    mass = pooled.astype(jnp.float32) * keys_per_bin  # (L, B, H, P, P) mean mass per query on each key bin
+    mass = pooled.astype(jnp.float32) * keys_per_bin[None, None, None, None, :]  # (L, B, H, P, P) mean mass per query on each key bin
     total = mass.sum(-1, keepdims=True)
     mass = jnp.where(total > 0, mass / jnp.where(total > 0, total, 1.0), 0.0)
     query_bin = jax.nn.one_hot(key_bin, bins, dtype=jnp.float32)  # (T, P)

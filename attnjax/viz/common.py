@@ -126,7 +126,8 @@ def label_expr(param_name: str) -> str:
 def score_columns(frame: pd.DataFrame, exclude: Iterable[str] = ()) -> List[str]:
     """Numeric columns of a per-head frame, for tooltips."""
     skip = set(exclude) | {"layer", "head"}
-    return [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
+    return [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])]
 
 
 def grid_axes(num_layers: int, num_heads: int, cell: int) -> Dict[str, Any]:

@@ -32,7 +32,8 @@ CATEGORY_ABBREVIATIONS = {
 }
 KIND_COLOURS = ("#e15759", "#f28e2b", "#b07aa1", "#4e79a7", "#59a14f", "#edc948", "#76b7b2", "#9c755f")
 # The per-head change a comparison chart colours by, first one present.
-COMPARISON_VALUES = ("js_divergence", "jensen_shannon", "divergence", "distance", "change", "delta")
+COMPARISON_VALUES = ("jsd", "js_divergence", "entropy_diff", "divergence", "change", "delta")
+ALL_HEADS = -1  # head index of a whole-layer row
 
 
 def _grid_encoding(cell: int):
@@ -75,7 +76,7 @@ def taxonomy_chart(heads: pd.DataFrame, *, cell: int = 40) -> alt.LayerChart:
     cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
         color=alt.Color("category:N", scale=alt.Scale(domain=present, range=colours), title="category"),
         opacity=alt.Opacity("margin:Q", scale=alt.Scale(domain=[0, 1, 2], range=[0.25, 0.55, 1.0], clamp=True),
-                            title="score / threshold"),
+                            legend=None),
         tooltip=tooltip, **_grid_encoding(cell),
     )
     labels = base.mark_text(fontSize=max(8, cell // 4), color="#111").encode(
@@ -101,10 +102,12 @@ def anomaly_chart(anomalies: pd.DataFrame, heads: pd.DataFrame, *, cell: int = 4
     if missing:
         raise ValueError(f"The anomalies frame lacks column(s) {missing}; build it with "
                          "attnjax.analysis.detect_anomalies(...).")
-    found = anomalies.copy()
-    if found["head"].isna().any():  # layer-wide findings: spread over the layer's heads
-        layer_wide = found[found["head"].isna()].drop(columns="head").merge(grid, on="layer")
-        found = pd.concat([found[found["head"].notna()], layer_wide], ignore_index=True)
+    found = anomalies[anomalies["flagged"].astype(bool)] if "flagged" in anomalies.columns else anomalies
+    found = found.copy()
+    whole_layer = found["head"].isna() | (found["head"] == ALL_HEADS)
+    if whole_layer.any():  # layer-wide findings: drawn on every head of the layer
+        layer_wide = found[whole_layer].drop(columns="head").merge(grid, on="layer")
+        found = pd.concat([found[~whole_layer], layer_wide], ignore_index=True)
     flagged = []
     for (layer, head), rows in found.groupby(["layer", "head"], sort=True):
         kinds = list(dict.fromkeys(str(k) for k in rows["kind"]))
@@ -116,7 +119,9 @@ def anomaly_chart(anomalies: pd.DataFrame, heads: pd.DataFrame, *, cell: int = 4
         color="#f0f0f0", stroke="white", strokeWidth=1).encode(
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("head:O")], **_grid_encoding(cell))
     kinds = sorted(set(flagged["kind"]))
-    subtitle = (f"{len(anomalies)} finding(s) on {len(flagged)} head(s)" if len(flagged)
+    findings = int(anomalies["flagged"].astype(bool).sum()) if "flagged" in anomalies.columns else len(anomalies)
+    subtitle = (f"{findings} finding(s) on {len(flagged)} head(s); whole-layer findings cover their row"
+                if len(flagged)
                 else "no anomalies found")
     layers = [base_grid]
     if len(flagged):
@@ -152,35 +157,56 @@ def _finite(value) -> bool:
 
 
 def comparison_chart(changes: pd.DataFrame, *, value: Optional[str] = None, labels: Sequence[str] = ("A", "B"),
-                     cell: int = 40) -> alt.Chart:
+                     cell: int = 40) -> alt.LayerChart:
     """Per-head change between two traces on the layer x head grid.
 
-    changes: compare output, one row per (layer, head). ``value``: the column to
-    colour by (default the first of COMPARISON_VALUES present, else the first
-    numeric column). A column with both signs gets a diverging scale centred on 0.
-    Every numeric column is in the tooltip.
+    changes: compare output, one row per (layer, head) (jsd, s_a / s_b / s_diff per
+    score, category_a, category_b, category_changed). ``value``: the column to
+    colour by (default the first of COMPARISON_VALUES with finite values). A column
+    with both signs gets a diverging scale centred on 0. Heads whose category
+    changed are marked with their old and new category; the tooltip has the
+    category and the score changes.
     """
     require_columns(changes, ("layer", "head"), "The comparison", "attnjax.analysis.compare(trace_a, trace_b)")
     numbers = score_columns(changes)
     if value is None:
-        value = next((c for c in COMPARISON_VALUES if c in numbers), numbers[0] if numbers else None)
+        usable = [c for c in numbers if np.isfinite(changes[c].to_numpy(dtype=np.float64)).any()]
+        value = next((c for c in COMPARISON_VALUES if c in usable), usable[0] if usable else None)
     if value is None or value not in changes.columns:
         raise ValueError(f"The comparison has no numeric column {value!r} to colour by; it has {list(changes.columns)}.")
     values = changes[value].to_numpy(dtype=np.float64)
     finite = values[np.isfinite(values)]
-    if finite.size and finite.min() < 0 < finite.max():
-        bound = float(np.abs(finite).max())
-        scale = alt.Scale(scheme="redblue", domain=[-bound, 0, bound], reverse=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if finite.size and finite.min() < 0 < finite.max():
+            bound = float(np.abs(finite).max())
+            scale = alt.Scale(scheme="redblue", domain=[-bound, 0, bound], reverse=True)
+            light = np.abs(values) / bound < 0.5             # near the white middle
+        else:
+            scale = alt.Scale(scheme="viridis", zero=False)
+            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            light = (values - low) / (high - low if high > low else 1.0) > 0.6  # yellow end
+    diffs = [c for c in numbers if c.endswith("_diff")]
+    shown_numbers = [value] + [c for c in (diffs or numbers) if c != value]
+    shown = changes.copy()
+    shown["light"] = np.nan_to_num(light).astype(bool)
+    text_columns = [c for c in ("category_a", "category_b") if c in shown.columns]
+    if "category_changed" in shown.columns and text_columns == ["category_a", "category_b"]:
+        changed = shown["category_changed"].astype(bool).to_numpy()
+        shown["mark"] = np.where(changed, [f"{CATEGORY_ABBREVIATIONS.get(a, a)[:5]}\u2192"
+                                           f"{CATEGORY_ABBREVIATIONS.get(b, b)[:5]}"
+                                           for a, b in zip(shown["category_a"], shown["category_b"])], "")
     else:
-        scale = alt.Scale(scheme="viridis", zero=False)
-    n_layers, n_heads = changes["layer"].nunique(), changes["head"].nunique()
-    text_columns = [c for c in changes.columns if c not in numbers and c not in ("layer", "head")]
+        shown["mark"] = ""
+    n_layers, n_heads = shown["layer"].nunique(), shown["head"].nunique()
     tooltip = ([alt.Tooltip("layer:O"), alt.Tooltip("head:O")] + [alt.Tooltip(f"{c}:N") for c in text_columns]
-               + [alt.Tooltip(f"{c}:Q", format=".4f") for c in numbers])
-    return (
-        alt.Chart(inline(changes, ["layer", "head"] + text_columns + numbers),
-                  width=n_heads * cell, height=n_layers * cell)
-        .mark_rect(stroke="white", strokeWidth=1)
-        .encode(color=alt.Color(f"{value}:Q", scale=scale, title=value), tooltip=tooltip, **_grid_encoding(cell))
-        .properties(title=title(f"Change per head: {labels[0]} \u2192 {labels[1]}", f"colour: {value}"))
-    )
+               + [alt.Tooltip(f"{c}:Q", format=".4f") for c in shown_numbers])
+    base = alt.Chart(inline(shown, ["layer", "head", "mark", "light"] + text_columns + shown_numbers),
+                     width=n_heads * cell, height=n_layers * cell)
+    cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
+        color=alt.Color(f"{value}:Q", scale=scale, title=value), tooltip=tooltip, **_grid_encoding(cell))
+    marks = base.mark_text(fontSize=max(7, cell // 5)).encode(
+        text="mark:N", color=alt.condition("datum.light", alt.value("#111111"), alt.value("#ffffff")),
+        **_grid_encoding(cell))
+    return alt.layer(cells, marks).properties(
+        title=title(f"Change per head: {labels[0]} \u2192 {labels[1]}",
+                    f"colour: {value}; text: category before \u2192 after where it changed"))

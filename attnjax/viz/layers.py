@@ -87,14 +87,14 @@ def focus_chart(focus: pd.DataFrame, *, width: int = 320, height: int = 180) -> 
         x=x, y=alt.Y("entropy:Q", title="entropy (nats)"), tooltip=tooltip))
     entropy = alt.layer(*entropy_layers).properties(
         title=title("Entropy by layer", "mean over heads; band: most focused to broadest head"))
-    max_weight = base.mark_line(point=True, color="#e45756").encode(
+    max_weight = base.mark_line(point=alt.OverlayMarkDef(color="#e45756"), color="#e45756").encode(
         x=x, y=alt.Y("max_weight:Q", title="max weight", scale=alt.Scale(domain=[0, 1])), tooltip=tooltip,
     ).properties(title=title("Max weight by layer", "mean over heads and queries"))
     return alt.hconcat(entropy, max_weight).properties(title=title("Focus by layer"))
 
 
 def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, *, position: Optional[int] = None,
-                     scheme: str = "viridis", heads: bool = False, width: int = 520) -> alt.HConcatChart:
+                     scheme: str = "viridis", heads: bool = False, width: int = 440) -> alt.HConcatChart:
     """One token's attention through the layers: raw (mean over heads) beside rollout.
 
     raw: token_flow output (layer, head with -1 = mean, key, key_token, weight).

@@ -1,0 +1,87 @@
+"""What changed between two Traces of the same model shape.
+
+Two uses: two inputs through one model (what a perturbation of the text changes), or
+one input through two checkpoints of the same architecture (what fine-tuning,
+quantisation or another training step changed).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from attnjax.analysis._common import as_traces, has_attention, layer_ids, validate_attention
+from attnjax.analysis.scores import SCORE_COLUMNS, head_scores
+from attnjax.analysis.similarity import _pair_stat
+from attnjax.analysis.taxonomy import classify_heads
+from attnjax.trace import Trace
+
+
+@functools.partial(jax.jit, static_argnames=())
+def _map_divergence(attention_a, attention_b, mask_a, mask_b):
+    """(L, H) mean JS divergence over queries that are non-padding in both Traces."""
+    divergence = _pair_stat(attention_a.astype(jnp.float32), attention_b.astype(jnp.float32), "jsd")  # (L, B, H, T)
+    both = (mask_a & mask_b).astype(jnp.float32)  # (B, T)
+    return jnp.einsum("LBHQ,BQ->LH", divergence, both) / jnp.maximum(both.sum(), 1.0)
+
+
+def _padded(trace: Trace, seq: int):
+    extra = seq - trace.seq_len
+    mask = jnp.pad(trace.mask.astype(bool), ((0, 0), (0, extra)))
+    attention = jnp.pad(trace.attention, ((0, 0),) * 3 + ((0, extra), (0, extra)))
+    return attention, mask
+
+
+def compare(trace_a: Trace, trace_b: Trace, thresholds=None) -> pd.DataFrame:
+    """Per-head differences between two Traces with the same layers and heads.
+
+    thresholds: passed to classify_heads for both sides.
+
+    One row per (layer, head). Columns: layer (int), head (int); for every score s of
+    head_scores (entropy, normalized_entropy, ..., duplicate): s_a, s_b (float) and
+    s_diff (float, s_b - s_a); jsd (float: JS divergence in nats between the two
+    attention maps, row by row over queries that are non-padding in both, averaged;
+    positions are aligned by index, so it needs the same number of sequences, and
+    NaN when either Trace holds only stats); category_a, category_b (str) and
+    category_changed (bool).
+    """
+    as_traces(trace_a)
+    as_traces(trace_b)
+    if layer_ids(trace_a) != layer_ids(trace_b) or trace_a.num_heads != trace_b.num_heads:
+        raise ValueError(
+            f"compare needs Traces of the same shape: trace_a holds layers {layer_ids(trace_a)} x "
+            f"{trace_a.num_heads} heads, trace_b layers {layer_ids(trace_b)} x {trace_b.num_heads} heads."
+        )
+    scores_a = classify_heads(head_scores(trace_a), thresholds)
+    scores_b = classify_heads(head_scores(trace_b), thresholds)
+    frame = pd.DataFrame({"layer": scores_a["layer"].to_numpy(), "head": scores_a["head"].to_numpy()})
+    for name in SCORE_COLUMNS:
+        frame[f"{name}_a"] = scores_a[name].to_numpy()
+        frame[f"{name}_b"] = scores_b[name].to_numpy()
+        frame[f"{name}_diff"] = scores_b[name].to_numpy() - scores_a[name].to_numpy()
+    frame["jsd"] = _divergence(trace_a, trace_b).reshape(-1)
+    frame["category_a"] = scores_a["category"].to_numpy()
+    frame["category_b"] = scores_b["category"].to_numpy()
+    frame["category_changed"] = frame["category_a"] != frame["category_b"]
+    return frame
+
+
+def _divergence(trace_a: Trace, trace_b: Trace) -> np.ndarray:
+    shape = (len(layer_ids(trace_a)), trace_a.num_heads)
+    if not (has_attention(trace_a) and has_attention(trace_b)):
+        return np.full(shape, np.nan)
+    if trace_a.batch_size != trace_b.batch_size:
+        raise ValueError(
+            f"compare aligns sequences by index: trace_a holds {trace_a.batch_size} sequences and "
+            f"trace_b {trace_b.batch_size}."
+        )
+    validate_attention(trace_a)
+    validate_attention(trace_b)
+    seq = max(trace_a.seq_len, trace_b.seq_len)
+    attention_a, mask_a = _padded(trace_a, seq)
+    attention_b, mask_b = _padded(trace_b, seq)
+    return np.asarray(_map_divergence(attention_a, attention_b, mask_a, mask_b), np.float64)

@@ -1,0 +1,40 @@
+"""Altair charts of attention analyses, safe self-contained HTML, and the report.
+
+    from attnjax import viz
+    frame = viz.attention_frame(trace)            # long (layer, head, query, key, weight, tokens)
+    viz.save_html(viz.model_overview(frame), "overview.html")
+    viz.save_image(viz.attention_heatmap(frame, layer=2, head=5, scale="log"), "head.png")
+
+Every chart builder is a function from DataFrame(s) to an Altair chart; the
+DataFrames come from attnjax.analysis (or, for attention maps, from
+``attention_frame``). See docs/viz.md for the charts and the size budget.
+"""
+
+from attnjax.viz.attention import attention_heatmap, model_overview
+from attnjax.viz.frames import (
+    HEATMAP_MAX_TOKENS,
+    OVERVIEW_MAX_WEIGHTS,
+    attention_frame,
+    next_token_frames,
+    token_frame,
+)
+from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
+from attnjax.viz.html import save_html, save_image, to_html
+from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
+from attnjax.viz.next_token import next_token_explorer
+
+__all__ = [
+    "HEATMAP_MAX_TOKENS", "OVERVIEW_MAX_WEIGHTS", "Report", "anomaly_chart", "attention_frame",
+    "attention_heatmap", "build_report", "comparison_chart", "focus_chart", "layer_similarity_chart",
+    "model_overview", "next_token_explorer", "next_token_frames", "save_html", "save_image",
+    "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
+]
+
+
+def __getattr__(name):
+    # The report pulls in the models and analyses; import it only when asked for.
+    if name in ("Report", "build_report"):
+        from attnjax.viz import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'attnjax.viz' has no attribute {name!r}")
