@@ -18,36 +18,18 @@ import jax.numpy as jnp
 from attnjax import kernels
 from attnjax.trace import Capture
 
-# Large finite negative logit for invisible keys: -inf would make NaN in
-# (-inf) - (-inf) and 0 * (-inf) (see shared/notes/PALLAS.md).
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 AttentionImpl = Union[str, Callable]
-
-
-def visible_keys(mask: jax.Array, num_queries: int, causal: bool) -> jax.Array:
-    """(B, 1, Tq, Tk) bool: which keys each query may attend to."""
-    visible = mask[:, None, None, :]  # (B, 1, 1, Tk)
-    if causal:
-        num_keys = mask.shape[1]
-        lower = jnp.tril(jnp.ones((num_queries, num_keys), dtype=bool))  # (Tq, Tk)
-        visible = visible & lower[None, None]  # (B, 1, Tq, Tk)
-    return jnp.broadcast_to(visible, (mask.shape[0], 1, num_queries, mask.shape[1]))
 
 
 def full_attention(q, k, v, mask, *, causal: bool, scale: float):
     """Dense softmax attention that keeps the matrices (Hugging Face eager semantics).
 
-    q, k, v: (B, T, N, H). Returns out (B, T, N, H), scores and probs (B, N, T, T).
-    Scores at invisible keys hold MASK_VALUE; probs there are exactly 0, and a row
-    with no visible key is all zeros.
+    q, k, v: (B, T, N, H). Returns out (B, T, N, H), scores and probs (B, N, T, T) as
+    kernels.reference_attention_weights defines them: scores at invisible keys hold
+    MASK_VALUE, probs there are exactly 0, and a row with no visible key is all zeros.
     """
-    visible = visible_keys(mask, q.shape[1], causal)  # (B, 1, T, T)
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * scale  # (B, N, T, T)
-    scores = jnp.where(visible, scores, MASK_VALUE)  # (B, N, T, T)
-    probs = jax.nn.softmax(scores, axis=-1)  # (B, N, T, T)
-    probs = jnp.where(visible, probs, 0.0)  # (B, N, T, T)
-    out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # (B, T, N, H)
+    scores, probs = kernels.reference_attention_weights(q, k, mask, causal, scale)  # (B, N, T, T)
+    out = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)  # (B, T, N, H)
     return out, scores, probs
 
 
