@@ -21,9 +21,12 @@ SCORES = (
 )
 
 
-def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False):
-    """dict score -> (L, H) float64, per the definitions in attnjax/analysis/scores.py."""
-    attention = np.asarray(attention, np.float64)
+def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False, dtype=np.float64):
+    """dict score -> (L, H), per the definitions in attnjax/analysis/scores.py.
+
+    dtype: the precision of the arithmetic (float32 in benchmarks/analysis.py).
+    """
+    attention = np.asarray(attention, dtype)
     mask = np.asarray(mask, bool)
     input_ids = np.asarray(input_ids)
     num_layers, batch, heads, seq, _ = attention.shape
@@ -49,10 +52,10 @@ def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False)
         classes[1] = np.isin(tokens, ["[SEP]", "</s>"]) & mask
         stripped = np.vectorize(lambda t: t[1:] if t[:1] in ("Ġ", "▁") and len(t) > 1 else t)(tokens)
         classes[2] = np.isin(stripped, [".", ","]) & mask
-    distance = np.abs(position[:, None] - position[None, :]).astype(np.float64)
+    distance = np.abs(position[:, None] - position[None, :]).astype(dtype)
 
     def mean(values, selector):  # values (B, H, T), selector (B, T) -> (H,)
-        weights = selector[:, None, :].astype(np.float64)
+        weights = selector[:, None, :].astype(dtype)
         count = selector.sum()
         return (values * weights).sum((0, 2)) / count if count else np.full(heads, np.nan)
 
@@ -66,10 +69,10 @@ def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False)
         out["normalized_entropy"][layer] = mean(entropy / np.log(np.maximum(n_visible, 2))[:, None], spread)
         out["max_weight"][layer] = mean(p.max(-1), queries)
         out["self"][layer] = mean(np.einsum("bhii->bhi", p), queries)
-        prev = np.zeros((batch, heads, seq))
+        prev = np.zeros((batch, heads, seq), dtype)
         prev[..., 1:] = p[..., position[1:], position[1:] - 1]
         out["previous_token"][layer] = mean(prev, previous)
-        nxt = np.zeros((batch, heads, seq))
+        nxt = np.zeros((batch, heads, seq), dtype)
         nxt[..., :-1] = p[..., position[:-1], position[:-1] + 1]
         out["next_token"][layer] = mean(nxt, following)
         out["first_token"][layer] = mean(p[..., 0], queries)
@@ -159,9 +162,9 @@ def _cosine(p, q):
     return (p * q).sum(-1) / np.sqrt((p * p).sum(-1) * (q * q).sum(-1))
 
 
-def reference_similarity(maps, mask, metric="jsd"):
+def reference_similarity(maps, mask, metric="jsd", dtype=np.float64):
     """maps (N, B, T, T) -> (N, N) mean over non-padding queries of the row metric."""
-    maps = np.asarray(maps, np.float64)
+    maps = np.asarray(maps, dtype)
     mask = np.asarray(mask, bool)
     stat = _js if metric == "jsd" else _cosine
     out = np.zeros((len(maps), len(maps)))
@@ -172,18 +175,33 @@ def reference_similarity(maps, mask, metric="jsd"):
 
 
 def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.9, window=2):
-    """Per-head (L, H) concentrated share and jump score (attnjax/analysis/anomalies.py)."""
+    """Per-head (L, H) concentrated share and jump score (attnjax/analysis/anomalies.py).
+
+    concentrated: share of non-padding queries with top-2 mass >= ``mass`` whose argmax is
+    position 0, a special token, or the head's most frequent argmax in that sequence.
+    jump: mean over adjacent query pairs of |argmax step| / tokens, unexplained pairs only.
+    """
     attention = np.asarray(attention, np.float64)
     mask = np.asarray(mask, bool)
     num_layers, batch, heads, seq, _ = attention.shape
     position = np.arange(seq)
     ordered = np.sort(attention, axis=-1)
     top2 = ordered[..., -1] + ordered[..., -2]  # (L, B, H, T)
-    concentrated = ((top2 >= mass) * mask[None, :, None]).sum((1, 3)) / mask.sum()
     argmax = attention.argmax(-1)  # (L, B, H, T)
     special = np.zeros((batch, seq), bool)
     if tokens is not None:
         special = np.isin(np.asarray(tokens, object), ["[CLS]", "[SEP]", "<s>", "</s>"])
+    concentrated = np.zeros((num_layers, heads))
+    for layer in range(num_layers):
+        for head in range(heads):
+            for b in range(batch):
+                keys = argmax[layer, b, head][mask[b]]
+                modal = np.bincount(keys, minlength=seq).argmax()  # first most frequent key
+                for i in np.flatnonzero(mask[b]):
+                    k = argmax[layer, b, head, i]
+                    fixed = k == 0 or special[b, k] or k == modal
+                    concentrated[layer, head] += top2[layer, b, head, i] >= mass and fixed
+    concentrated /= mask.sum()
     ids = np.asarray(input_ids)
     jump = np.zeros((num_layers, heads))
     pairs = 0

@@ -12,13 +12,18 @@ Nothing here modifies a Trace: jax arrays are immutable, and token tuples are re
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from attnjax.analysis._terms import (  # noqa: F401  (re-exported helpers)
+    attention_row_checks,
+    earlier_matches,
+    positions_distance,
+    visible_keys,
+    xlogx,
+)
 from attnjax.trace import Trace
 
 TraceOrTraces = Union[Trace, Sequence[Trace]]
@@ -200,102 +205,43 @@ def _strip_word_start(token: str) -> str:
     return token
 
 
-def visible_keys(mask: jax.Array, causal: bool) -> jax.Array:
-    """(B, T, T) bool: key k is visible from query i (non-padding, and k <= i if causal)."""
-    visible = mask[:, None, :]  # (B, 1, T)
-    seq = mask.shape[1]
-    if causal:
-        visible = visible & jnp.tril(jnp.ones((seq, seq), bool))[None]  # (B, T, T)
-    return jnp.broadcast_to(visible, (mask.shape[0], seq, seq))  # (B, T, T)
-
-
 def row_sum_atol(dtype) -> float:
     return ROW_SUM_ATOL.get(np.dtype(dtype), LOW_PRECISION_ROW_SUM_ATOL)
 
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def attention_errors(attention: jax.Array, mask: jax.Array, *, causal: bool) -> dict:
-    """How far each non-padding query row is from a distribution over its visible keys.
-
-    attention (L, B, H, T, T). Returns scalars: the worst |row sum - 1|, the most mass
-    on an invisible key, the most negative entry, whether any entry is non-finite,
-    and the flat (L, B, H, T) index of the worst row-sum error.
-    """
-    probs = attention.astype(jnp.float32)  # (L, B, H, T, T)
-    visible = visible_keys(mask, causal)[None, :, None]  # (1, B, 1, T, T)
-    query = mask[None, :, None, :]  # (1, B, 1, T)
-    row_error = jnp.where(query, jnp.abs(probs.sum(-1) - 1.0), 0.0)  # (L, B, H, T)
-    hidden = jnp.where(visible, 0.0, jnp.abs(probs))  # (L, B, H, T, T)
-    hidden = jnp.where(query, hidden.max(-1), 0.0)  # (L, B, H, T)
-    negative = jnp.where(query[..., None], probs, 0.0).min()
-    finite = jnp.all(jnp.isfinite(jnp.where(query[..., None], probs, 0.0)))
-    return {
-        "row_error": row_error.max(),
-        "worst_row": jnp.argmax(row_error.reshape(-1)),
-        "hidden_mass": hidden.max(),
-        "negative": negative,
-        "finite": finite,
-    }
-
-
-def validate_attention(trace: Trace, errors: Optional[dict] = None) -> None:
+def validate_attention(trace: Trace, checks: Optional[dict] = None) -> None:
     """Raise ValueError unless every non-padding query row is a distribution over visible keys.
 
-    ``errors`` may be the output of ``attention_errors`` computed elsewhere (to share a pass).
+    checks: row_sum, hidden (L, B, H, T) and lowest (B,) from _terms (computed if None,
+    passed in where another pass over the maps already produced them).
     """
-    if errors is None:
-        errors = attention_errors(trace.attention, trace.mask, causal=trace.causal)
-    errors = jax.device_get(errors)
+    if checks is None:
+        checks = attention_row_checks(trace.attention, trace.mask, causal=trace.causal)
+    checks = jax.device_get({name: checks[name] for name in ("row_sum", "hidden", "lowest")})
+    query = np.asarray(trace.mask, bool)[None, :, None, :]  # (1, B, 1, T)
+    row_sum = np.where(query, np.asarray(checks["row_sum"], np.float64), 1.0)  # (L, B, H, T)
     atol = row_sum_atol(trace.attention.dtype)
-    if not bool(errors["finite"]):
+    if not np.all(np.isfinite(row_sum)):
         raise ValueError("Trace.attention holds NaN or inf at non-padding queries; the forward pass diverged.")
-    if float(errors["negative"]) < -atol:
+    lowest = float(np.min(checks["lowest"]))
+    if lowest < -atol:
         raise ValueError(
-            f"Trace.attention has a negative weight ({float(errors['negative']):.3g}); attention "
-            "must be softmax probabilities, not scores."
+            f"Trace.attention has a negative weight ({lowest:.3g}); attention must be softmax "
+            "probabilities, not scores."
         )
-    if float(errors["row_error"]) > atol:
-        shape = trace.attention.shape[:4]
-        layer, sequence, head, query = np.unravel_index(int(errors["worst_row"]), shape)
+    row_error = np.abs(row_sum - 1.0)
+    if row_error.max() > atol:
+        layer, sequence, head, query_index = np.unravel_index(int(row_error.argmax()), row_error.shape)
         raise ValueError(
             f"Trace.attention rows must sum to 1 over the keys (tolerance {atol:g}); the row of "
-            f"layer {layer_ids(trace)[layer]}, head {head}, sequence {sequence}, query {query} "
-            f"is off by {float(errors['row_error']):.3g}. Pass softmax probabilities (not scores "
-            "or a renormalised subset)."
+            f"layer {layer_ids(trace)[layer]}, head {head}, sequence {sequence}, query {query_index} "
+            f"is off by {row_error.max():.3g}. Pass softmax probabilities (not scores or a "
+            "renormalised subset)."
         )
-    if float(errors["hidden_mass"]) > atol:
+    hidden = float(np.where(query, np.asarray(checks["hidden"], np.float64), 0.0).max())
+    if hidden > atol:
         what = "padding or future keys" if trace.causal else "padding keys"
         raise ValueError(
-            f"Trace.attention puts weight {float(errors['hidden_mass']):.3g} on {what}; attention "
-            "must be 0 on keys the mask hides. Check that Trace.mask matches the forward's mask "
-            "and Trace.causal the model."
+            f"Trace.attention puts weight {hidden:.3g} on {what}; attention must be 0 on keys the "
+            "mask hides. Check that Trace.mask matches the forward's mask and Trace.causal the model."
         )
-
-
-def earlier_matches(input_ids: jax.Array, mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Token-repeat selectors of Olsson et al. 2022 (as TransformerLens builds them).
-
-    duplicate[b, i, k]: key k < i holds the same token as query i (both non-padding).
-    induction[b, i, k]: key k - 1 is such an earlier occurrence, i.e. k is the token
-    right after an earlier copy of the current token. Both (B, T, T) bool.
-    """
-    seq = input_ids.shape[1]
-    same = input_ids[:, :, None] == input_ids[:, None, :]  # (B, T, T)
-    earlier = jnp.tril(jnp.ones((seq, seq), bool), k=-1)[None]  # (1, T, T) k < i
-    both = mask[:, :, None] & mask[:, None, :]  # (B, T, T)
-    duplicate = same & earlier & both  # (B, T, T)
-    shifted = jnp.pad(duplicate[:, :, :-1], ((0, 0), (0, 0), (1, 0)))  # (B, T, T) [i, k] = dup[i, k-1]
-    induction = shifted & mask[:, None, :]  # (B, T, T)
-    return duplicate, induction
-
-
-def positions_distance(seq: int) -> jax.Array:
-    """(T, T) float32 |i - k|."""
-    position = jnp.arange(seq)
-    return jnp.abs(position[:, None] - position[None, :]).astype(jnp.float32)  # (T, T)
-
-
-def xlogx(probs: jax.Array) -> jax.Array:
-    """p log p with 0 log 0 = 0 (natural log)."""
-    safe = jnp.where(probs > 0, probs, 1.0)
-    return jnp.where(probs > 0, probs * jnp.log(safe), 0.0)

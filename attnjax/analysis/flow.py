@@ -230,10 +230,20 @@ def flow_values(maps: np.ndarray, sources: Sequence[int]) -> np.ndarray:
     return np.concatenate(values).reshape(len(sources), n)
 
 
-def token_flow(trace: Trace, position: int, *, sequence: int = 0, top_k: int = 5) -> pd.DataFrame:
+def token_flow(
+    trace: Trace,
+    position: int,
+    *,
+    sequence: int = 0,
+    top_k: int = 5,
+    layer: Optional[int] = None,
+    head: Optional[int] = None,
+) -> pd.DataFrame:
     """Where one token looks in every layer: its attention row per head and averaged.
 
     position: the query position (0-based, non-padding) in ``sequence``.
+    layer, head: keep only that model layer / that head (the head-mean rows stay);
+    default every layer and every head.
 
     Columns: layer (int), head (int; -1 = the mean over heads), sequence (int),
     query (int), query_token (str), key (int), key_token (str), weight (float),
@@ -243,6 +253,10 @@ def token_flow(trace: Trace, position: int, *, sequence: int = 0, top_k: int = 5
     as_traces(trace)
     require_attention(trace, "token_flow")
     check_sequence(trace, sequence)
+    if layer is not None:
+        layer_position(trace, layer)
+    if head is not None:
+        check_head(trace, head)
     mask = np.asarray(trace.mask, bool)[sequence]
     if not 0 <= position < mask.shape[0] or not mask[position]:
         raise ValueError(
@@ -265,7 +279,7 @@ def token_flow(trace: Trace, position: int, *, sequence: int = 0, top_k: int = 5
     tokens = token_strings(trace)
     names = tokens[sequence] if tokens is not None else np.full(mask.shape[0], "", object)
     heads = np.concatenate([[ALL_HEADS], np.arange(num_views - 1)])
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "layer": np.repeat(np.asarray(ids, np.int64), num_views * n),
         "head": np.tile(np.repeat(heads, n), num_layers).astype(np.int64),
         "sequence": np.int64(sequence),
@@ -277,6 +291,11 @@ def token_flow(trace: Trace, position: int, *, sequence: int = 0, top_k: int = 5
         "rank": rank.reshape(-1).astype(np.int64),
         "top": rank.reshape(-1) <= top_k,
     })
+    if layer is not None:
+        frame = frame[frame["layer"] == layer]
+    if head is not None:
+        frame = frame[frame["head"].isin([ALL_HEADS, head])]
+    return frame.reset_index(drop=True)
 
 
 def focus_by_layer(trace: TraceOrTraces) -> pd.DataFrame:

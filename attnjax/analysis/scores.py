@@ -52,16 +52,14 @@ from attnjax.analysis._common import (
     SEP_TOKENS,
     TraceOrTraces,
     as_traces,
-    attention_errors,
     earlier_matches,
     has_attention,
     layer_ids,
-    positions_distance,
     token_classes,
     validate_attention,
     visible_keys,
-    xlogx,
 )
+from attnjax.analysis._terms import attention_score_terms
 from attnjax.trace import Trace
 
 # Score columns of head_scores, in order (after `layer`, `head`, `n_queries`).
@@ -163,59 +161,6 @@ def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool) -> Dict[s
 
 
 @functools.partial(jax.jit, static_argnames=("causal",))
-def attention_terms(
-    attention: jax.Array, mask: jax.Array, input_ids: jax.Array, classes: jax.Array, *, causal: bool
-) -> Dict[str, jax.Array]:
-    """Per-query quantities of every score from full maps, plus validation errors.
-
-    attention (L, B, H, T, T); mask, input_ids (B, T); classes (B, T, 3) float32
-    (cls, sep, punctuation keys). Returns (L, B, H, T) float32 arrays keyed by score
-    name, plus ``top2`` (sum of the two largest weights), ``argmax`` (int32, first
-    maximum), and ``errors`` (see _common.attention_errors).
-    """
-    probs = attention.astype(jnp.float32)  # (L, B, H, T, T)
-    mask = mask.astype(bool)
-    seq = mask.shape[1]
-    visible = visible_keys(mask, causal)  # (B, T, T)
-    n_visible = visible.sum(-1).astype(jnp.float32)  # (B, T)
-    duplicate, induction = earlier_matches(input_ids, mask)  # (B, T, T)
-
-    entropy = -xlogx(probs).sum(-1)  # (L, B, H, T)
-    log_visible = jnp.log(jnp.maximum(n_visible, 2.0))[None, :, None]  # (1, B, 1, T)
-    max_weight = probs.max(-1)  # (L, B, H, T)
-    argmax = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # (L, B, H, T)
-    is_top = jnp.arange(seq)[None, None, None, None, :] == argmax[..., None]  # (L, B, H, T, T)
-    second = jnp.where(is_top, -1.0, probs).max(-1)  # (L, B, H, T)
-    diagonal = jnp.diagonal(probs, 0, -2, -1)  # (L, B, H, T)
-    below = jnp.pad(jnp.diagonal(probs, -1, -2, -1), ((0, 0),) * 3 + ((1, 0),))  # (L, B, H, T)
-    above = jnp.pad(jnp.diagonal(probs, 1, -2, -1), ((0, 0),) * 3 + ((0, 1),))  # (L, B, H, T)
-    class_mass = jnp.einsum("LBHQK,BKC->LBHQC", probs, classes)  # (L, B, H, T, 3)
-    distance = positions_distance(seq)  # (T, T)
-
-    def selected(selector):  # (B, T, T) bool -> (L, B, H, T)
-        return jnp.where(selector[None, :, None], probs, 0.0).sum(-1)
-
-    return {
-        "entropy": entropy,
-        "normalized_entropy": entropy / log_visible,
-        "max_weight": max_weight,
-        "self": diagonal,
-        "previous_token": below,
-        "next_token": above,
-        "first_token": probs[..., 0],
-        "cls": class_mass[..., 0],
-        "sep": class_mass[..., 1],
-        "punctuation": class_mass[..., 2],
-        "mean_distance": (probs * distance[None, None, None]).sum(-1),
-        "induction": selected(induction),
-        "duplicate": selected(duplicate),
-        "top2": max_weight + jnp.maximum(second, 0.0),
-        "argmax": argmax,
-        "errors": attention_errors(attention, mask, causal=causal),
-    }
-
-
-@functools.partial(jax.jit, static_argnames=("causal",))
 def stats_terms(stats, mask: jax.Array, classes: jax.Array, *, causal: bool) -> Dict[str, jax.Array]:
     """Per-query quantities that the streaming AttentionStats give, (L, B, H, T) each.
 
@@ -245,12 +190,12 @@ def stats_terms(stats, mask: jax.Array, classes: jax.Array, *, causal: bool) -> 
 
 
 def trace_terms(trace: Trace, classes: np.ndarray) -> Dict[str, jax.Array]:
-    """attention_terms or stats_terms for one Trace; validates full maps."""
+    """Per-query score quantities (L, B, H, T) of one Trace, from maps (validated) or stats."""
     if has_attention(trace):
-        terms = attention_terms(
+        terms = attention_score_terms(
             trace.attention, trace.mask, trace.input_ids, jnp.asarray(classes), causal=trace.causal
         )
-        validate_attention(trace, terms["errors"])
+        validate_attention(trace, terms)
         return terms
     return stats_terms(trace.stats, trace.mask, jnp.asarray(classes), causal=trace.causal)
 

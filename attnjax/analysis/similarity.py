@@ -34,6 +34,7 @@ from attnjax.analysis._common import (
     validate_attention,
     xlogx,
 )
+from attnjax.analysis._terms import attention_head_means
 from attnjax.kernels.reference import pool_bins
 from attnjax.trace import Trace
 
@@ -73,8 +74,9 @@ def _all_pairs(rows: jax.Array, weights: jax.Array, *, metric: str) -> jax.Array
 def _layer_rows(trace: Trace) -> Tuple[jax.Array, jax.Array]:
     """Heads-averaged rows (L, B, Q, K) and query weights (B, Q) of one Trace."""
     if has_attention(trace):
-        validate_attention(trace)
-        return _mean_heads(trace.attention), trace.mask.astype(jnp.float32)
+        terms = attention_head_means(trace.attention, trace.mask, causal=trace.causal)
+        validate_attention(trace, terms)
+        return terms["head_mean"], trace.mask.astype(jnp.float32)
     rows, weights = _pooled_rows(trace)  # (L, B, H, P, P), (B, P)
     return rows.mean(2), weights
 
@@ -90,11 +92,6 @@ def _head_rows(trace: Trace) -> Tuple[jax.Array, jax.Array]:
     rows, weights = _pooled_rows(trace)  # (L, B, H, P, P)
     num_layers, batch, heads, bins, _ = rows.shape
     return jnp.moveaxis(rows, 2, 1).reshape(num_layers * heads, batch, bins, bins), weights
-
-
-@jax.jit
-def _mean_heads(attention: jax.Array) -> jax.Array:
-    return attention.astype(jnp.float32).mean(2)  # (L, B, T, T)
 
 
 def _pooled_rows(trace: Trace) -> Tuple[jax.Array, jax.Array]:

@@ -3,8 +3,10 @@
 The forward pass walks query blocks (``lax.map``) and, inside each, key blocks
 (``lax.fori_loop``), keeping the FlashAttention running max ``m``, normaliser ``l`` and
 output accumulator per query (Dao et al. 2022; Milakov & Gimelshein 2018). Memory is
-O(T): one (B, N, block_q, block_k) tile of scores at a time, never the T x T matrix.
-Under ``causal`` the key loop stops at the diagonal.
+O(T): one (block_heads, block_q, block_k) tile of scores at a time, never the T x T
+matrix; (batch, head) pairs are walked ``block_heads`` at a time (one by default,
+which keeps a tile in cache on CPU). Under ``causal`` the key loop stops at the
+diagonal.
 
 Row statistics ride along in the same loop, rescaled exactly like ``l``:
 
@@ -15,6 +17,9 @@ Row statistics ride along in the same loop, rescaled exactly like ``l``:
 - max_prob = ``exp(m - lse) = 1 / l``;
 - argmax: the first key reaching the block max, kept when a later block's max is
   strictly larger (so the first maximum wins ties);
+- masking: invisible scores are set to MASK_VALUE and the running max starts at
+  ``M_INIT = MASK_VALUE / 2``, so their ``exp(s - m)`` is exactly 0; a row with no
+  visible key ends with ``l = 0`` and gets zeros;
 - mean_distance: ``sum_k exp(s_k - m) |i - k|``, rescaled by ``c``, divided by ``l``.
 
 ``first_mass``, ``self_mass`` and ``prev_mass`` are single entries of each row:
@@ -53,21 +58,28 @@ from attnjax.kernels.stats import AttentionStats
 
 # Key index used as "no candidate" when searching a block for its first maximum.
 _NO_INDEX = jnp.iinfo(jnp.int32).max
+# Initial running max: finite, and far above MASK_VALUE, so exp(MASK_VALUE - m) is
+# exactly 0 even for a row that has seen no visible key yet (no second mask needed).
+M_INIT = 0.5 * MASK_VALUE
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes of the XLA blockwise kernel (rows of queries x rows of keys per step).
+    """Tile sizes of the XLA blockwise kernel.
 
-    Larger tiles mean fewer loop steps (faster on CPU) and more memory per step:
-    one step holds a few (batch, heads, block_q, block_k) float32 tiles.
+    block_q x block_k scores per step, for block_heads (batch, head) pairs at once.
+    Each step holds a few (block_heads, block_q, block_k) tiles in the accumulation
+    dtype. On CPU one head at a time with 512 x 512 tiles (1 MiB) keeps the
+    elementwise work in cache and was fastest on a 2-core machine
+    (benchmarks/long_context.py); on an accelerator raise block_heads.
     """
 
     block_q: int = 512
     block_k: int = 512
+    block_heads: int = 1
 
     def __post_init__(self):
-        for name in ("block_q", "block_k"):
+        for name in ("block_q", "block_k", "block_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int.")
@@ -81,6 +93,7 @@ class _Config:
     causal: bool
     block_q: int
     block_k: int
+    block_heads: int
     length: int      # real sequence length T (arrays are padded to a multiple of both blocks)
     stats: bool      # also compute the row statistics in the forward loop
 
@@ -89,63 +102,84 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def _visible(key_vis, key_pos, query_pos, causal: bool):
+    """(G, bq, bk) or (G, 1, bk) bool: key mask (G, bk) and, under causal, k <= i."""
+    visible = key_vis[:, None, :]  # (G, 1, bk)
+    if causal:
+        lower = key_pos[None, :] <= query_pos[:, None]  # (bq, bk)
+        visible = visible & lower[None]  # (G, bq, bk)
+    return visible
+
+
+def _map_groups(fn, arrays, block_heads: int):
+    """Apply ``fn`` to chunks of ``block_heads`` rows of every array's leading
+    (batch * heads) axis, sequentially (lax.map); returns fn's outputs re-joined."""
+    groups = arrays[0].shape[0]
+    padded = round_up(groups, block_heads)
+
+    def chunk(x):
+        x = jnp.pad(x, [(0, padded - groups)] + [(0, 0)] * (x.ndim - 1))  # (G', ...)
+        return x.reshape((padded // block_heads, block_heads) + x.shape[1:])  # (S, g, ...)
+
+    outputs = lax.map(lambda chunked: fn(*chunked), tuple(chunk(x) for x in arrays))
+    return jax.tree.map(lambda y: y.reshape((padded,) + y.shape[2:])[:groups], outputs)
+
+
 # --------------------------------------------------------------------------- forward
 
 
-def _forward(q, k, v, key_mask, cfg: _Config):
-    """Online-softmax forward. q, k, v: (B, N, Tp, H); key_mask: (B, Tp) bool.
+def _forward_group(q, k, v, key_mask, cfg: _Config):
+    """Online-softmax forward for g (batch, head) pairs. q, k, v: (g, Tp, H); key_mask: (g, Tp).
 
-    Returns out (B, N, Tp, H) in q's dtype and a tuple of per-query rows (B, N, Tp):
+    Returns out (g, Tp, H) in q's dtype and a tuple of per-query rows (g, Tp):
     (lse,) or, with ``cfg.stats``, (lse, entropy, max_prob, argmax, mean_distance).
     """
-    batch, heads, padded, head_dim = q.shape
+    groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
     bq, bk = cfg.block_q, cfg.block_k
     num_key_blocks = -(-cfg.length // bk)
 
     def query_block(iq):
-        q_blk = lax.dynamic_slice_in_dim(q, iq * bq, bq, axis=2).astype(acc)  # (B, N, bq, H)
+        q_blk = lax.dynamic_slice_in_dim(q, iq * bq, bq, axis=1).astype(acc)  # (g, bq, H)
         query_pos = iq * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
 
         def step(j, carry):
             m, l, o, entropy_sum, distance_sum, argmax = carry
-            k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2).astype(acc)  # (B, N, bk, H)
-            v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2).astype(acc)  # (B, N, bk, H)
-            key_vis = lax.dynamic_slice_in_dim(key_mask, j * bk, bk, axis=1)  # (B, bk)
+            k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1).astype(acc)  # (g, bk, H)
+            v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1).astype(acc)  # (g, bk, H)
+            key_vis = lax.dynamic_slice_in_dim(key_mask, j * bk, bk, axis=1)  # (g, bk)
             key_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
-            visible = key_vis[:, None, None, :]  # (B, 1, 1, bk)
-            if cfg.causal:
-                lower = key_pos[None, :] <= query_pos[:, None]  # (bq, bk)
-                visible = visible & lower[None, None]  # (B, 1, bq, bk)
-            s = jnp.einsum("BNQH,BNKH->BNQK", q_blk, k_blk, precision=precision) * cfg.scale  # (B, N, bq, bk)
-            s = jnp.where(visible, s, MASK_VALUE)  # (B, N, bq, bk)
-            m_blk = jnp.max(s, axis=-1)  # (B, N, bq)
-            m_new = jnp.maximum(m, m_blk)  # (B, N, bq)
-            correction = jnp.exp(m - m_new)  # (B, N, bq)
-            shifted = s - m_new[..., None]  # (B, N, bq, bk)
-            p = jnp.where(visible, jnp.exp(shifted), 0.0)  # (B, N, bq, bk)
-            l_new = correction * l + jnp.sum(p, axis=-1)  # (B, N, bq)
-            pv = jnp.einsum("BNQK,BNKH->BNQH", p, v_blk, precision=precision)  # (B, N, bq, H)
-            o_new = correction[..., None] * o + pv  # (B, N, bq, H)
+            visible = _visible(key_vis, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
+            s = jnp.einsum("GQH,GKH->GQK", q_blk, k_blk, precision=precision) * cfg.scale  # (g, bq, bk)
+            s = jnp.where(visible, s, MASK_VALUE)  # (g, bq, bk)
+            m_blk = jnp.max(s, axis=-1)  # (g, bq)
+            m_new = jnp.maximum(m, m_blk)  # (g, bq)
+            correction = jnp.exp(m - m_new)  # (g, bq)
+            shifted = s - m_new[..., None]  # (g, bq, bk)
+            p = jnp.exp(shifted)  # (g, bq, bk); exactly 0 at invisible keys (m_new >= M_INIT)
+            l_new = correction * l + jnp.sum(p, axis=-1)  # (g, bq)
+            pv = jnp.einsum("GQK,GKH->GQH", p, v_blk, precision=precision)  # (g, bq, H)
+            o_new = correction[..., None] * o + pv  # (g, bq, H)
             if cfg.stats:
                 # Weighted row sums as einsums: XLA:CPU reduces sum(a * b) of two
                 # tiles over an order of magnitude slower than the equivalent dot.
-                p_shifted = jnp.einsum("BNQK,BNQK->BNQ", p, shifted, precision=precision)  # (B, N, bq)
-                entropy_sum = correction * (entropy_sum + (m - m_new) * l) + p_shifted  # (B, N, bq)
+                p_shifted = jnp.einsum("GQK,GQK->GQ", p, shifted, precision=precision)  # (g, bq)
+                entropy_sum = correction * (entropy_sum + (m - m_new) * l) + p_shifted  # (g, bq)
                 distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(acc)  # (bq, bk)
-                p_distance = jnp.einsum("BNQK,QK->BNQ", p, distance, precision=precision)  # (B, N, bq)
-                distance_sum = correction * distance_sum + p_distance  # (B, N, bq)
-                is_max = visible & (s == m_blk[..., None])  # (B, N, bq, bk)
-                first_max = jnp.min(jnp.where(is_max, key_pos, _NO_INDEX), axis=-1)  # (B, N, bq)
-                argmax = jnp.where(m_blk > m, first_max, argmax)  # (B, N, bq)
+                p_distance = jnp.einsum("GQK,QK->GQ", p, distance, precision=precision)  # (g, bq)
+                distance_sum = correction * distance_sum + p_distance  # (g, bq)
+                # A masked score equals m_blk only when m_blk == MASK_VALUE < m: never kept.
+                is_max = s == m_blk[..., None]  # (g, bq, bk)
+                first_max = jnp.min(jnp.where(is_max, key_pos, _NO_INDEX), axis=-1)  # (g, bq)
+                argmax = jnp.where(m_blk > m, first_max, argmax)  # (g, bq)
             return m_new, l_new, o_new, entropy_sum, distance_sum, argmax
 
-        row_zeros = jnp.zeros((batch, heads, bq), acc)  # (B, N, bq)
+        row_zeros = jnp.zeros((groups, bq), acc)  # (g, bq)
         init = (
-            jnp.full((batch, heads, bq), MASK_VALUE, acc), row_zeros,
-            jnp.zeros((batch, heads, bq, head_dim), acc), row_zeros, row_zeros,
-            jnp.zeros((batch, heads, bq), jnp.int32),
+            jnp.full((groups, bq), M_INIT, acc), row_zeros,
+            jnp.zeros((groups, bq, head_dim), acc), row_zeros, row_zeros,
+            jnp.zeros((groups, bq), jnp.int32),
         )
         if cfg.causal:
             upper = jnp.minimum(((iq + 1) * bq + bk - 1) // bk, num_key_blocks)
@@ -154,11 +188,10 @@ def _forward(q, k, v, key_mask, cfg: _Config):
         m, l, o, entropy_sum, distance_sum, argmax = lax.fori_loop(0, upper, step, init)
         return _finish_rows(m, l, o, entropy_sum, distance_sum, argmax, q.dtype, cfg.stats)
 
-    num_query_blocks = padded // bq
-    out, rows = lax.map(query_block, jnp.arange(num_query_blocks, dtype=jnp.int32))
-    # out (nq, B, N, bq, H), each row (nq, B, N, bq)
-    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, padded, head_dim)  # (B, N, Tp, H)
-    rows = tuple(jnp.moveaxis(r, 0, 2).reshape(batch, heads, padded) for r in rows)  # (B, N, Tp) each
+    out, rows = lax.map(query_block, jnp.arange(padded // bq, dtype=jnp.int32))
+    # out (nq, g, bq, H), each row (nq, g, bq)
+    out = jnp.moveaxis(out, 0, 1).reshape(groups, padded, head_dim)  # (g, Tp, H)
+    rows = tuple(jnp.moveaxis(r, 0, 1).reshape(groups, padded) for r in rows)  # (g, Tp) each
     return out, rows
 
 
@@ -180,72 +213,71 @@ def _finish_rows(m, l, o, entropy_sum, distance_sum, argmax, out_dtype, with_sta
 # --------------------------------------------------------------------------- backward
 
 
-def _backward_pass(q, k, v, key_mask, out, lse, d_out, cfg: _Config):
-    """FlashAttention-2 gradients in XLA loops. All arrays (B, N, Tp, ...)."""
-    batch, heads, padded, head_dim = q.shape
+def _backward_group(q, k, v, key_mask, out, lse, d_out, cfg: _Config):
+    """FlashAttention-2 gradients in XLA loops for g (batch, head) pairs; arrays (g, Tp, ...)."""
+    groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
     bq, bk = cfg.block_q, cfg.block_k
     num_query_blocks = -(-cfg.length // bq)
-    delta = jnp.einsum("BNTH,BNTH->BNT", out.astype(acc), d_out.astype(acc), precision=precision)  # (B, N, Tp)
+    delta = jnp.einsum("GTH,GTH->GT", out.astype(acc), d_out.astype(acc), precision=precision)  # (g, Tp)
 
     def key_block(dq, jk):
-        k_blk = lax.dynamic_slice_in_dim(k, jk * bk, bk, axis=2).astype(acc)  # (B, N, bk, H)
-        v_blk = lax.dynamic_slice_in_dim(v, jk * bk, bk, axis=2).astype(acc)  # (B, N, bk, H)
-        key_vis = lax.dynamic_slice_in_dim(key_mask, jk * bk, bk, axis=1)  # (B, bk)
+        k_blk = lax.dynamic_slice_in_dim(k, jk * bk, bk, axis=1).astype(acc)  # (g, bk, H)
+        v_blk = lax.dynamic_slice_in_dim(v, jk * bk, bk, axis=1).astype(acc)  # (g, bk, H)
+        key_vis = lax.dynamic_slice_in_dim(key_mask, jk * bk, bk, axis=1)  # (g, bk)
         key_pos = jk * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
 
         def step(i, carry):
             dk, dv, dq = carry
-            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2).astype(acc)  # (B, N, bq, H)
-            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=2).astype(acc)  # (B, N, bq, H)
-            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=2)  # (B, N, bq)
-            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)  # (B, N, bq)
+            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).astype(acc)  # (g, bq, H)
+            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1).astype(acc)  # (g, bq, H)
+            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)  # (g, bq)
+            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)  # (g, bq)
             query_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
-            visible = key_vis[:, None, None, :]  # (B, 1, 1, bk)
-            if cfg.causal:
-                lower = key_pos[None, :] <= query_pos[:, None]  # (bq, bk)
-                visible = visible & lower[None, None]  # (B, 1, bq, bk)
-            s = jnp.einsum("BNQH,BNKH->BNQK", q_blk, k_blk, precision=precision) * cfg.scale  # (B, N, bq, bk)
-            p = jnp.where(visible, jnp.exp(jnp.where(visible, s, MASK_VALUE) - lse_blk[..., None]), 0.0)  # (B, N, bq, bk)
-            dv = dv + jnp.einsum("BNQK,BNQH->BNKH", p, do_blk, precision=precision)  # (B, N, bk, H)
-            dp = jnp.einsum("BNQH,BNKH->BNQK", do_blk, v_blk, precision=precision)  # (B, N, bq, bk)
-            ds = p * (dp - delta_blk[..., None])  # (B, N, bq, bk)
-            dk = dk + jnp.einsum("BNQK,BNQH->BNKH", ds, q_blk, precision=precision)  # (B, N, bk, H)
-            dq_blk = lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=2)  # (B, N, bq, H)
-            dq_blk = dq_blk + jnp.einsum("BNQK,BNKH->BNQH", ds, k_blk, precision=precision)  # (B, N, bq, H)
-            dq = lax.dynamic_update_slice_in_dim(dq, dq_blk, i * bq, axis=2)  # (B, N, Tp, H)
+            visible = _visible(key_vis, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
+            s = jnp.einsum("GQH,GKH->GQK", q_blk, k_blk, precision=precision) * cfg.scale  # (g, bq, bk)
+            p = jnp.exp(jnp.where(visible, s - lse_blk[..., None], MASK_VALUE))  # (g, bq, bk)
+            dv = dv + jnp.einsum("GQK,GQH->GKH", p, do_blk, precision=precision)  # (g, bk, H)
+            dp = jnp.einsum("GQH,GKH->GQK", do_blk, v_blk, precision=precision)  # (g, bq, bk)
+            ds = p * (dp - delta_blk[..., None])  # (g, bq, bk)
+            dk = dk + jnp.einsum("GQK,GQH->GKH", ds, q_blk, precision=precision)  # (g, bk, H)
+            dq_blk = lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1)  # (g, bq, H)
+            dq_blk = dq_blk + jnp.einsum("GQK,GKH->GQH", ds, k_blk, precision=precision)  # (g, bq, H)
+            dq = lax.dynamic_update_slice_in_dim(dq, dq_blk, i * bq, axis=1)  # (g, Tp, H)
             return dk, dv, dq
 
         lower_block = (jk * bk) // bq if cfg.causal else 0
-        zeros = jnp.zeros((batch, heads, bk, head_dim), acc)  # (B, N, bk, H)
+        zeros = jnp.zeros((groups, bk, head_dim), acc)  # (g, bk, H)
         dk, dv, dq = lax.fori_loop(lower_block, num_query_blocks, step, (zeros, zeros, dq))
         return dq, (dk, dv)
 
-    dq0 = jnp.zeros((batch, heads, padded, head_dim), acc)  # (B, N, Tp, H)
+    dq0 = jnp.zeros((groups, padded, head_dim), acc)  # (g, Tp, H)
     dq, (dk, dv) = lax.scan(key_block, dq0, jnp.arange(padded // bk, dtype=jnp.int32))
-    # dk, dv: (nk, B, N, bk, H)
-    dk = jnp.moveaxis(dk, 0, 2).reshape(batch, heads, padded, head_dim)  # (B, N, Tp, H)
-    dv = jnp.moveaxis(dv, 0, 2).reshape(batch, heads, padded, head_dim)  # (B, N, Tp, H)
-    dq = dq * cfg.scale  # (B, N, Tp, H)
-    dk = dk * cfg.scale  # (B, N, Tp, H)
+    # dk, dv: (nk, g, bk, H)
+    dk = jnp.moveaxis(dk, 0, 1).reshape(groups, padded, head_dim)  # (g, Tp, H)
+    dv = jnp.moveaxis(dv, 0, 1).reshape(groups, padded, head_dim)  # (g, Tp, H)
+    dq = dq * cfg.scale  # (g, Tp, H)
+    dk = dk * cfg.scale  # (g, Tp, H)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, key_mask, cfg: _Config):
-    return _forward(q, k, v, key_mask, cfg)
+    """q, k, v: (G, Tp, H) for G = batch * heads; key_mask (G, Tp). -> out, rows (G, Tp)."""
+    return _map_groups(functools.partial(_forward_group, cfg=cfg), (q, k, v, key_mask), cfg.block_heads)
 
 
 def _flash_fwd(q, k, v, key_mask, cfg: _Config):
-    out, rows = _forward(q, k, v, key_mask, cfg)
+    out, rows = _flash(q, k, v, key_mask, cfg)
     return (out, rows), (q, k, v, key_mask, out, rows[0])
 
 
 def _flash_bwd(cfg: _Config, residuals, cotangents):
     q, k, v, key_mask, out, lse = residuals
     d_out, _ = cotangents  # the rows are statistics: no gradient flows through them
-    dq, dk, dv = _backward_pass(q, k, v, key_mask, out, lse, d_out, cfg)
+    dq, dk, dv = _map_groups(functools.partial(_backward_group, cfg=cfg),
+                             (q, k, v, key_mask, out, lse, d_out), cfg.block_heads)
     return dq, dk, dv, None
 
 
@@ -255,57 +287,64 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # --------------------------------------------------------------------------- second pass
 
 
-def _column_pass(q, k, key_mask, query_weight, query_bins, lse, cfg: _Config):
+def _column_group(q, k, key_mask, query_weight, lse, cfg: _Config, pool: Optional[int]):
     """Column sums of p = exp(s - lse) by key block, recomputed tile by tile.
 
-    q, k: (B, N, Tp, H); key_mask: (B, Tp) bool; query_weight: (B, Tp) (1 at queries
-    counted in ``received``); query_bins: (Tp, P) one-hot pooled bins (zero rows at
-    padding) or None; lse: (B, N, Tp). Returns received (B, N, Tp) and the per-key
-    row-bin sums (B, N, P, Tp) or None.
+    q, k: (g, Tp, H); key_mask: (g, Tp) bool; query_weight: (g, Tp) (1 at queries
+    counted in ``received``); lse: (g, Tp). Returns received (g, Tp) and, with
+    ``pool``, the per-key row-bin sums (g, P, Tp): entry (a, k) is the sum of p_ik
+    over queries i in pooled bin a (else a dummy zero per group).
+
+    A query block of bq rows meets at most ``local_bins = (bq - 1) P // T + 2`` bins
+    (bins are contiguous runs of T / P positions), so each tile is reduced with a
+    (bq, local_bins) one-hot matmul and added at the block's first bin, instead of a
+    (bq, P) one: at T = 16k, P = 64, bq = 512 that is 3 bins instead of 64.
     """
-    batch, heads, padded, head_dim = q.shape
+    groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
-    bq, bk = cfg.block_q, cfg.block_k
-    num_query_blocks = -(-cfg.length // bq)
+    bq, bk, length = cfg.block_q, cfg.block_k, cfg.length
+    num_query_blocks = -(-length // bq)
+    local_bins = 0 if pool is None else min(pool, (bq - 1) * pool // length + 2)
 
     def key_block(jk):
-        k_blk = lax.dynamic_slice_in_dim(k, jk * bk, bk, axis=2).astype(acc)  # (B, N, bk, H)
-        key_vis = lax.dynamic_slice_in_dim(key_mask, jk * bk, bk, axis=1)  # (B, bk)
+        k_blk = lax.dynamic_slice_in_dim(k, jk * bk, bk, axis=1).astype(acc)  # (g, bk, H)
+        key_vis = lax.dynamic_slice_in_dim(key_mask, jk * bk, bk, axis=1)  # (g, bk)
         key_pos = jk * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
 
         def step(i, carry):
             received, bin_sums = carry
-            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2).astype(acc)  # (B, N, bq, H)
-            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=2)  # (B, N, bq)
-            weight_blk = lax.dynamic_slice_in_dim(query_weight, i * bq, bq, axis=1)  # (B, bq)
+            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).astype(acc)  # (g, bq, H)
+            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)  # (g, bq)
+            weight_blk = lax.dynamic_slice_in_dim(query_weight, i * bq, bq, axis=1)  # (g, bq)
             query_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
-            visible = key_vis[:, None, None, :]  # (B, 1, 1, bk)
-            if cfg.causal:
-                lower = key_pos[None, :] <= query_pos[:, None]  # (bq, bk)
-                visible = visible & lower[None, None]  # (B, 1, bq, bk)
-            s = jnp.einsum("BNQH,BNKH->BNQK", q_blk, k_blk, precision=precision) * cfg.scale  # (B, N, bq, bk)
-            p = jnp.where(visible, jnp.exp(jnp.where(visible, s, MASK_VALUE) - lse_blk[..., None]), 0.0)  # (B, N, bq, bk)
-            received = received + jnp.einsum("BNQK,BQ->BNK", p, weight_blk, precision=precision)  # (B, N, bk)
-            if query_bins is not None:
-                bins_blk = lax.dynamic_slice_in_dim(query_bins, i * bq, bq, axis=0)  # (bq, P)
-                bin_sums = bin_sums + jnp.einsum("BNQK,QP->BNPK", p, bins_blk, precision=precision)  # (B, N, P, bk)
+            visible = _visible(key_vis, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
+            s = jnp.einsum("GQH,GKH->GQK", q_blk, k_blk, precision=precision) * cfg.scale  # (g, bq, bk)
+            p = jnp.exp(jnp.where(visible, s - lse_blk[..., None], MASK_VALUE))  # (g, bq, bk)
+            received = received + jnp.einsum("GQK,GQ->GK", p, weight_blk, precision=precision)  # (g, bk)
+            if pool is not None:
+                bins = jnp.where(query_pos < length, query_pos * pool // length, -1)  # (bq,)
+                first = jnp.clip(i * bq * pool // length, 0, pool - local_bins)  # first bin this block can meet
+                local = jax.nn.one_hot(bins - first, local_bins, dtype=acc)  # (bq, L); padding rows 0
+                tile_sums = jnp.einsum("GQK,QL->GLK", p, local, precision=precision)  # (g, L, bk)
+                current = lax.dynamic_slice_in_dim(bin_sums, first, local_bins, axis=1)  # (g, L, bk)
+                bin_sums = lax.dynamic_update_slice_in_dim(bin_sums, current + tile_sums, first, axis=1)  # (g, P, bk)
             return received, bin_sums
 
-        received0 = jnp.zeros((batch, heads, bk), acc)  # (B, N, bk)
-        if query_bins is None:
-            bin_sums0 = jnp.zeros((), acc)
+        received0 = jnp.zeros((groups, bk), acc)  # (g, bk)
+        if pool is None:
+            bin_sums0 = jnp.zeros((groups,), acc)  # unused placeholder
         else:
-            bin_sums0 = jnp.zeros((batch, heads, query_bins.shape[1], bk), acc)  # (B, N, P, bk)
+            bin_sums0 = jnp.zeros((groups, pool, bk), acc)  # (g, P, bk)
         lower_block = (jk * bk) // bq if cfg.causal else 0
         return lax.fori_loop(lower_block, num_query_blocks, step, (received0, bin_sums0))
 
     received, bin_sums = lax.map(key_block, jnp.arange(padded // bk, dtype=jnp.int32))
-    received = jnp.moveaxis(received, 0, 2).reshape(batch, heads, padded)  # (B, N, Tp)
-    if query_bins is None:
-        return received, None
-    # bin_sums (nk, B, N, P, bk)
-    bin_sums = jnp.moveaxis(bin_sums, 0, 3).reshape(batch, heads, query_bins.shape[1], padded)  # (B, N, P, Tp)
+    received = jnp.moveaxis(received, 0, 1).reshape(groups, padded)  # (g, Tp)
+    if pool is None:
+        return received, bin_sums[0]  # (g,) placeholder
+    # bin_sums (nk, g, P, bk)
+    bin_sums = jnp.moveaxis(bin_sums, 0, 2).reshape(groups, pool, padded)  # (g, P, Tp)
     return received, bin_sums
 
 
@@ -339,26 +378,36 @@ def blockwise_attention(
     block_k = min(sizes.block_k, round_up(length, 8))
     padded = round_up(length, math.lcm(block_q, block_k))
     cfg = _Config(scale=scale, causal=causal, block_q=block_q, block_k=block_k,
-                  length=length, stats=stats)
+                  block_heads=min(sizes.block_heads, batch * heads), length=length, stats=stats)
+    acc = accumulation_dtype(q.dtype)
+
+    def by_group(x):  # (B, N, Tp, ...) -> (B * N, Tp, ...)
+        return x.reshape((batch * heads,) + x.shape[2:])
+
+    def by_head(x):  # (B * N, ...) -> (B, N, ...)
+        return x.reshape((batch, heads) + x.shape[1:])
 
     qh, kh, vh = (heads_major(x, padded) for x in (q, k, v))  # (B, N, Tp, H) each
     key_mask = padded_key_mask(mask, batch, length, padded)  # (B, Tp)
-    out, rows = _flash(qh, kh, vh, key_mask, cfg)  # (B, N, Tp, H), rows (B, N, Tp)
-    out = jnp.swapaxes(out, 1, 2)[:, :length]  # (B, T, N, H)
+    group_mask = by_group(jnp.broadcast_to(key_mask[:, None], (batch, heads, padded)))  # (G, Tp)
+    out, rows = _flash(by_group(qh), by_group(kh), by_group(vh), group_mask, cfg)  # (G, Tp, H), rows (G, Tp)
+    out = jnp.swapaxes(by_head(out), 1, 2)[:, :length]  # (B, T, N, H)
     if not stats:
         return out
 
     qh, kh = lax.stop_gradient(qh), lax.stop_gradient(kh)
-    lse, entropy, max_prob, argmax, mean_distance = (lax.stop_gradient(r) for r in rows)
-    query_weight = padded_query_weight(mask, batch, length, padded, accumulation_dtype(q.dtype))  # (B, Tp)
-    query_bins = None
-    if pool is not None:
-        query_bins = padded_bin_one_hot(length, padded, pool, accumulation_dtype(q.dtype))  # (Tp, P)
-    received, bin_sums = _column_pass(qh, kh, key_mask, query_weight, query_bins, lse, cfg)
+    lse, entropy, max_prob, argmax, mean_distance = (lax.stop_gradient(r) for r in rows)  # (G, Tp) each
+    query_weight = padded_query_weight(mask, batch, length, padded, acc)  # (B, Tp)
+    group_weight = by_group(jnp.broadcast_to(query_weight[:, None], (batch, heads, padded)))  # (G, Tp)
+    received, bin_sums = _map_groups(
+        functools.partial(_column_group, cfg=cfg, pool=pool),
+        (by_group(qh), by_group(kh), group_mask, group_weight, lse), cfg.block_heads,
+    )  # (G, Tp), (G, P, Tp)
     return out, assemble_stats(
         qh, kh, mask, causal=causal, scale=scale, length=length, pool=pool,
-        lse=lse, entropy=entropy, max_prob=max_prob, argmax=argmax,
-        mean_distance=mean_distance, received=received, bin_sums=bin_sums,
+        lse=by_head(lse), entropy=by_head(entropy), max_prob=by_head(max_prob),
+        argmax=by_head(argmax), mean_distance=by_head(mean_distance),
+        received=by_head(received), bin_sums=None if pool is None else by_head(bin_sums),
     )
 
 

@@ -47,6 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from attnjax.kernels.blockwise import (
+    M_INIT,
     assemble_stats,
     heads_major,
     padded_bin_one_hot,
@@ -234,7 +235,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, kmask_ref, o_ref, lse_ref, *stat_refs, 
         m_new = jnp.maximum(m, m_blk)  # (bq, 1)
         correction = jnp.exp(m - m_new)  # (bq, 1)
         shifted = s - m_new  # (bq, bk)
-        p = jnp.where(visible, jnp.exp(shifted), 0.0)  # (bq, bk)
+        p = jnp.exp(shifted)  # (bq, bk); exactly 0 at invisible keys (m_new >= M_INIT)
         l_new = correction * l + jnp.sum(p, axis=1, keepdims=True)  # (bq, 1)
         o_new = correction * o + _dot(p.astype(v.dtype), v, (1, 0), acc, precision)  # (bq, Dp)
         if cfg.stats:
@@ -242,14 +243,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, kmask_ref, o_ref, lse_ref, *stat_refs, 
                            + jnp.sum(p * shifted, axis=1, keepdims=True))  # (bq, 1)
             distance = jnp.abs((query_pos - key_pos).astype(acc))  # (bq, bk)
             distance_sum = correction * distance_sum + jnp.sum(p * distance, axis=1, keepdims=True)  # (bq, 1)
-            is_max = visible & (s == m_blk)  # (bq, bk)
+            is_max = s == m_blk  # (bq, bk); a masked score only ties when m_blk = MASK_VALUE < m
             first_max = jnp.min(jnp.where(is_max, key_pos, _NO_INDEX), axis=1, keepdims=True)  # (bq, 1)
             argmax = jnp.where(m_blk > m, first_max, argmax)  # (bq, 1)
         return m_new, l_new, o_new, entropy_sum, distance_sum, argmax
 
     row_zeros = jnp.zeros((bq, 1), acc)  # (bq, 1)
     init = (
-        jnp.full((bq, 1), MASK_VALUE, acc), row_zeros, jnp.zeros(o_ref.shape, acc),
+        jnp.full((bq, 1), M_INIT, acc), row_zeros, jnp.zeros(o_ref.shape, acc),
         row_zeros, row_zeros, jnp.zeros((bq, 1), jnp.int32),
     )
     if cfg.causal:

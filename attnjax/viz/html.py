@@ -93,12 +93,38 @@ def _vl_version() -> str:
     return major_minor if major_minor in known else known[-1]
 
 
-@functools.lru_cache(maxsize=1)
-def javascript_bundle() -> str:
-    """Vega + Vega-Lite + vega-embed as one classic script (about 0.9 MB)."""
+def _bundle_cache_path() -> Path:
     import vl_convert
 
-    bundle = vl_convert.javascript_bundle(vl_version=_vl_version())
+    from attnjax.cache import DEFAULT_DIR
+
+    version = getattr(vl_convert, "__version__", "unknown")
+    return Path(DEFAULT_DIR).parent / "vega" / f"bundle-vl-convert-{version}-vl-{_vl_version()}.js"
+
+
+@functools.lru_cache(maxsize=1)
+def javascript_bundle() -> str:
+    """Vega + Vega-Lite + vega-embed as one classic script (about 0.9 MB).
+
+    vl-convert builds it in about 2 s; the result is kept on disk next to JAX's
+    compilation cache (~/.cache/attnjax/vega/, or under $ATTNJAX_CACHE's parent).
+    """
+    import vl_convert
+
+    cache = _bundle_cache_path()
+    try:
+        bundle = cache.read_text(encoding="utf-8")
+        if "window.vegaEmbed" not in bundle[-2000:]:  # truncated or foreign file: rebuild it
+            raise OSError("incomplete bundle")
+    except OSError:
+        bundle = vl_convert.javascript_bundle(vl_version=_vl_version())
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(bundle, encoding="utf-8")
+            partial.replace(cache)  # atomic: concurrent writers never leave half a file
+        except OSError:
+            pass  # a read-only home only costs the 2 s again next time
     lowered = bundle.lower()
     if "</script" in lowered or "<!--" in lowered:  # would end the inline script early
         raise RuntimeError("The vl-convert JavaScript bundle contains '</script' or '<!--'; it cannot be inlined.")
@@ -187,7 +213,7 @@ def render_page(title: str, blocks: Sequence[Block], *, renderer: Optional[str] 
         else:
             raise ValueError(f"Unknown page block kind {block.kind!r}.")
     bundle = javascript_bundle()
-    csp = "; ".join([
+    csp = "; ".join([  # only fixed text and base64 hashes: safe inside the attribute as is
         "default-src 'none'",
         f"script-src {_csp_hash(bundle)} {_csp_hash(BOOTSTRAP_JS)} 'unsafe-eval'",
         "style-src 'unsafe-inline'",
@@ -202,7 +228,7 @@ def render_page(title: str, blocks: Sequence[Block], *, renderer: Optional[str] 
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{html.escape(csp, quote=True)}">',
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">',  # no quote or markup in it
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>",
         f"<style>{PAGE_CSS}</style>",

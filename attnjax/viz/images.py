@@ -131,8 +131,13 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 
 def thumbnail(attention: np.ndarray, *, scheme: str = "viridis", scale: str = "linear",
               size: int = 48, max_bins: int = THUMB_MAX_BINS) -> str:
-    """One head's (Tq, Tk) map as a ``data:image/png;base64`` URL at least ``size`` px wide."""
-    pooled = pool_map(attention, max_bins) if max(attention.shape) > max_bins else np.asarray(attention)
+    """One head's (Tq, Tk) map as a ``data:image/png;base64`` URL at least ``size`` px wide.
+
+    Maps longer than ``min(max_bins, size)`` are pooled first: a thumbnail drawn at
+    ``size`` px cannot show more than ``size`` bins anyway.
+    """
+    bins = min(max_bins, size)
+    pooled = pool_map(attention, bins) if max(attention.shape) > bins else np.asarray(attention)
     levels = to_levels(pooled, scale)                                      # (Pq, Pk)
     factor = max(1, -(-size // max(levels.shape)))                         # ceil(size / P)
     levels = np.repeat(np.repeat(levels, factor, axis=0), factor, axis=1)  # (Pq * f, Pk * f)

@@ -8,6 +8,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from attnjax.viz import codes
 from attnjax.viz.common import check_scheme, inline, label_expr, label_param, require_columns, title
 from attnjax.viz.frames import truncate
 
@@ -99,8 +100,10 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
 
     raw: token_flow output (layer, head with -1 = mean, key, key_token, weight).
     rollout: rollout_frame output (layer, query, key, weight); its rows for the
-    token's query position are drawn. heads: also add the single heads to the raw
-    panel, chosen with a dropdown (bigger page).
+    token's query position are drawn. heads: also offer the single heads in the raw
+    panel, chosen with a dropdown. Raw rows travel as one-character codes per
+    (layer, head) (attnjax.viz.codes: weights to within 5.4 %), so adding the heads
+    costs about one byte per weight.
     """
     require_columns(raw, ("layer", "head", "key", "weight"), "The token flow frame",
                     "attnjax.analysis.token_flow(trace, position)")
@@ -109,35 +112,45 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
         position = int(raw["query"].iloc[0]) if "query" in raw.columns else None
     token = str(raw["query_token"].iloc[0]) if "query_token" in raw.columns else ""
     keys = raw.drop_duplicates("key").sort_values("key")
+    key_ids = keys["key"].astype(int).tolist()
     key_tokens = (keys["key_token"].astype(str) if "key_token" in keys.columns
                   else keys["key"].astype(str)).tolist()
-    labels = label_param("flow_key_labels", {int(k): truncate(t) for k, t in zip(keys["key"], key_tokens)})
-    lookup = alt.LookupData(inline(pd.DataFrame({"key": keys["key"].astype(int), "token": key_tokens})),
-                            "key", ["token"])
-    n_keys = len(keys)
-    step = max(3, min(24, width // max(n_keys, 1)))
+    labels = label_param("flow_key_labels", {k: truncate(t) for k, t in zip(key_ids, key_tokens)})
+    key_table = inline([{"index": i, "key": k, "token": t} for i, (k, t) in enumerate(zip(key_ids, key_tokens))])
     shown = raw if heads else raw[raw["head"] == MEAN_HEAD]
     if shown.empty:
         raise ValueError("The token flow frame has no mean-over-heads rows (head == -1).")
+    column_of = {k: i for i, k in enumerate(key_ids)}
+    code_rows = []
+    for (layer, head), rows in shown.groupby(["layer", "head"], sort=True):
+        weights = np.zeros(len(key_ids))
+        weights[[column_of[int(k)] for k in rows["key"]]] = rows["weight"].to_numpy(dtype=np.float64)
+        code_rows.append({"layer": int(layer), "head": int(head), "codes": codes.encode(weights)})
+    step = max(3, min(24, width // max(len(key_ids), 1)))
     x = alt.X("key:O", title="key (attended token)",
               axis=alt.Axis(labelExpr=label_expr("flow_key_labels"), labelAngle=-60, labelFontSize=9,
                             labelOverlap="greedy"))
     y = alt.Y("layer:O", title="layer")
     colour = alt.Color("weight:Q", scale=alt.Scale(scheme=scheme, zero=False), title="weight")
-    tooltip = [alt.Tooltip("layer:O"), alt.Tooltip("key_token:N", title="key"), alt.Tooltip("key:O", title="position"),
-               alt.Tooltip("weight:Q", format=".4f")]
     raw_chart = (
-        alt.Chart(inline(shown, ["layer", "head", "key", "weight"]), width=alt.Step(step), height=alt.Step(18))
-        .transform_lookup(lookup="key", from_=lookup, as_=["key_token"])
-        .mark_rect().encode(x=x, y=y, color=colour, tooltip=tooltip)
+        alt.Chart(inline(code_rows), width=alt.Step(step), height=alt.Step(18))
+        .transform_filter("datum.head == flow_head" if heads else f"datum.head == {MEAN_HEAD}")
+        .transform_calculate(index="sequence(0, length(datum.codes))")
+        .transform_flatten(["index"])
+        .transform_calculate(weight=codes.vega_decode("substring(datum.codes, datum.index, datum.index + 1)"))
+        .transform_lookup(lookup="index", from_=alt.LookupData(key_table, "index", ["key", "token"]),
+                          as_=["key", "key_token"])
+        .mark_rect()
+        .encode(x=x, y=y, color=colour,
+                tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("key_token:N", title="key"),
+                         alt.Tooltip("key:O", title="position"), alt.Tooltip("weight:Q", title="weight (±5%)",
+                                                                             format=".3f")])
     )
     params = [labels]
     if heads:
         head_ids = [MEAN_HEAD] + sorted(int(h) for h in shown["head"].unique() if h != MEAN_HEAD)
-        choice = alt.param(name="flow_head", value=MEAN_HEAD, bind=alt.binding_select(
-            options=head_ids, labels=["mean"] + [str(h) for h in head_ids[1:]], name="head "))
-        raw_chart = raw_chart.transform_filter("datum.head == flow_head")
-        params.append(choice)
+        params.append(alt.param(name="flow_head", value=MEAN_HEAD, bind=alt.binding_select(
+            options=head_ids, labels=["mean"] + [str(h) for h in head_ids[1:]], name="head ")))
         raw_title = title("Raw attention", "the head chosen below (mean = average over heads)")
     else:
         raw_title = title("Raw attention", "mean over heads, per layer")
@@ -148,12 +161,18 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
         rows = rollout[rollout["query"] == position] if position is not None else rollout
         if "sequence" in rows.columns:
             rows = rows[rows["sequence"] == rows["sequence"].iloc[0]]
+        lookup = alt.LookupData(inline([{"key": k, "token": t} for k, t in zip(key_ids, key_tokens)]),
+                                "key", ["token"])
         panels.append(
             alt.Chart(inline(rows, ["layer", "key", "weight"]), width=alt.Step(step), height=alt.Step(18))
             .transform_lookup(lookup="key", from_=lookup, as_=["key_token"])
-            .mark_rect().encode(x=x, y=y, color=colour, tooltip=tooltip)
+            .mark_rect()
+            .encode(x=x, y=y, color=colour,
+                    tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("key_token:N", title="key"),
+                             alt.Tooltip("key:O", title="position"), alt.Tooltip("weight:Q", format=".4f")])
             .properties(title=title("Rollout", "share of the token's representation from each input token"))
         )
-    heading = f"Token flow of \u201c{truncate(token, 24)}\u201d" + (f" (position {position})" if position is not None else "")
+    heading = f"Token flow of \u201c{truncate(token, 24)}\u201d" + (
+        f" (position {position})" if position is not None else "")
     return (alt.hconcat(*panels, spacing=28).add_params(*params).resolve_scale(color="independent")
             .properties(title=title(heading, "each row: where the token looks after that layer")))

@@ -1,0 +1,282 @@
+"""The command line: `attnjax report` (a model and a text -> one HTML page) and `attnjax profile`.
+
+    attnjax report                                   # bundled MiniLM on the built-in example
+    attnjax report --text "The cat sat on the mat." --out cat.html
+    attnjax report --model gpt2 --file story.txt --max-length 256
+    attnjax report --text "She went home." --compare "He went home."
+    attnjax profile corpus.txt --csv heads.csv       # streaming statistics over a file
+
+Bad input (missing file, empty text, unknown model, unwritable output, over-long
+text without --max-length) is reported in one line on stderr with exit status 2;
+an unexpected failure in one line with status 1 (--debug shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+EXAMPLE_TEXT = Path(__file__).resolve().parent / "data" / "example.txt"
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class InputError(Exception):
+    """Input the command cannot use; the message says what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnjax", description="Look inside Transformer attention.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    report = commands.add_parser("report", help="run a model on a text and write an HTML report",
+                                 description="Run a model on a text and write one self-contained HTML report.")
+    report.add_argument("--model", default="minilm",
+                        help="'minilm' (bundled, offline), a local Hugging Face directory, or a hub id")
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--text", help="the text to analyse (default: the built-in example)")
+    source.add_argument("--file", type=Path, help="read the text from this file (UTF-8)")
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="where to write (default report.html)")
+    report.add_argument("--max-length", type=int, help="truncate the text to this many tokens")
+    report.add_argument("--compare", metavar="TEXT2", help="also compare with this second text")
+    report.add_argument("--model-b", help="also compare with this second model (same architecture)")
+    report.add_argument("--token", help="token for the token-flow chart: a position or the token's text")
+    report.add_argument("--scheme", default="viridis", choices=("viridis", "plasma", "magma", "inferno", "cividis"),
+                        help="colour scheme of the attention maps")
+    report.add_argument("--scale", default="linear", choices=("linear", "log", "quantile"),
+                        help="colour scale of the attention maps")
+    report.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: on for inputs over 256 tokens)")
+    report.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    profile = commands.add_parser("profile", help="streaming attention statistics over a text file",
+                                  description="Run a model over a text file, paragraph by paragraph, recording only "
+                                              "streaming statistics, and print per-layer focus and head categories.")
+    profile.add_argument("file", type=Path, help="text file; paragraphs are separated by blank lines")
+    profile.add_argument("--model", default="minilm", help="as for report")
+    profile.add_argument("--max-length", type=int, help="truncate each paragraph to this many tokens "
+                                                        "(default: the model's positions)")
+    profile.add_argument("--csv", type=Path, help="also write the per-head scores and categories to this CSV")
+    profile.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `attnjax` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        if args.command == "report":
+            return run_report(args)
+        return run_profile(args)
+    except InputError as error:
+        return fail(str(error), EXIT_BAD_INPUT, args)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130, args)
+    except Exception as error:  # one line, not a traceback, unless --debug
+        if isinstance(error, (ValueError, FileNotFoundError)):
+            return fail(str(error), EXIT_BAD_INPUT, args)
+        return fail(f"{type(error).__name__}: {error} (run with --debug for the traceback)", EXIT_FAILURE, args)
+
+
+def fail(message: str, status: int, args) -> int:
+    if getattr(args, "debug", False) and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    first_line = " ".join(str(message).split()) or "unknown error"
+    print(f"attnjax: error: {first_line}", file=sys.stderr)
+    return status
+
+
+def read_text(args) -> str:
+    if args.file is not None:
+        path = args.file
+        if not path.exists():
+            raise InputError(f"--file {path}: no such file.")
+        if path.is_dir():
+            raise InputError(f"--file {path} is a directory; give a text file.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"--file {path} is not UTF-8 text.") from None
+        if not text.strip():
+            raise InputError(f"--file {path} is empty; give a file with some words.")
+        return text
+    if args.text is not None:
+        if not args.text.strip():
+            raise InputError("--text is empty; give some words.")
+        return args.text
+    return EXAMPLE_TEXT.read_text(encoding="utf-8")
+
+
+def check_output(path: Path) -> None:
+    """Fail now, not after the model ran, if ``path`` cannot be written."""
+    if path.is_dir():
+        raise InputError(f"--out {path} is a directory; give a file name such as {path / 'report.html'}.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"--out {path}: directory {parent} does not exist; create it first.")
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise InputError(f"--out {path} cannot be written ({error.strerror or error}).") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def check_max_length(value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise InputError(f"--max-length {value} must be a positive number of tokens.")
+
+
+def quiet_libraries() -> None:
+    """The command reports over-long input itself; silence transformers' own warning about it."""
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def load_model(name: str, flag: str = "--model"):
+    import attnjax
+
+    quiet_libraries()
+    try:
+        return attnjax.load(name)
+    except ValueError as error:  # CheckpointError, UnsupportedConfigError
+        raise InputError(f"{flag} {name}: {error}") from None
+
+
+def run_report(args) -> int:
+    text = read_text(args)
+    check_output(args.out)
+    check_max_length(args.max_length)
+    if args.compare is not None and not args.compare.strip():
+        raise InputError("--compare is empty; give the second text.")
+    token = None if args.token is None else (int(args.token) if args.token.strip().lstrip("-").isdigit()
+                                              else args.token)
+
+    import attnjax
+    from attnjax.viz.report import ReportInputError, build_report, count_tokens
+
+    attnjax.enable_compilation_cache()
+    started = time.perf_counter()
+    timings = {}
+    stamp = time.perf_counter()
+    model = load_model(args.model)
+    timings["load model"] = time.perf_counter() - stamp
+    model_b = None
+    if args.model_b:
+        stamp = time.perf_counter()
+        model_b = load_model(args.model_b, "--model-b")
+        timings["load model B"] = time.perf_counter() - stamp
+    if args.max_length is None:
+        for label, which, words in (("text", model, text), ("--compare text", model_b or model, args.compare)):
+            if words is None:
+                continue
+            count = count_tokens(which, words)
+            if count > which.config.max_positions:
+                raise InputError(f"the {label} is {count} tokens, more than {which.name}'s "
+                                 f"{which.config.max_positions} positions; pass --max-length "
+                                 f"{which.config.max_positions} (or less) to truncate it.")
+    elif args.max_length > model.config.max_positions:
+        raise InputError(f"--max-length {args.max_length} is more than {model.name}'s "
+                         f"{model.config.max_positions} positions.")
+    try:
+        report = build_report(model, text, compare_text=args.compare, model_b=model_b, max_length=args.max_length,
+                              token=token, scheme=args.scheme, scale=args.scale, progress=args.progress)
+    except ReportInputError as error:
+        raise InputError(str(error)) from None
+    timings.update(report.timings)
+    stamp = time.perf_counter()
+    try:
+        path = report.save(args.out)
+    except OSError as error:
+        raise InputError(f"--out {args.out} cannot be written ({error.strerror or error}).") from None
+    timings["write HTML"] = time.perf_counter() - stamp
+    size = path.stat().st_size
+    print(f"Report of {report.summary['model']} on {report.summary['tokens']} tokens "
+          f"({report.summary['anomalies']} anomalies flagged)")
+    for name, seconds in timings.items():
+        print(f"  {name:<22} {seconds:7.2f} s")
+    print(f"  {'total':<22} {time.perf_counter() - started:7.2f} s")
+    print(f"Wrote {path.resolve()} ({size / 1e6:.1f} MB)")
+    return EXIT_OK
+
+
+def paragraphs(text: str) -> List[str]:
+    """Blank-line separated paragraphs with their lines joined."""
+    parts, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            parts.append(" ".join(current))
+            current = []
+    if current:
+        parts.append(" ".join(current))
+    return parts
+
+
+def run_profile(args) -> int:
+    if not args.file.exists():
+        raise InputError(f"{args.file}: no such file.")
+    if args.file.is_dir():
+        raise InputError(f"{args.file} is a directory; give a text file.")
+    try:
+        chunks = paragraphs(args.file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{args.file} is not UTF-8 text.") from None
+    if not chunks:
+        raise InputError(f"{args.file} is empty; give a file with some words.")
+    check_max_length(args.max_length)
+    if args.csv is not None:
+        check_output(args.csv)
+
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    import attnjax
+    from attnjax import Capture, analysis
+    from attnjax.viz.report import count_tokens
+
+    attnjax.enable_compilation_cache()
+    started = time.perf_counter()
+    model = load_model(args.model)
+    limit = args.max_length or model.config.max_positions
+    capture = Capture(stats=True)
+    traces, truncated = [], 0
+    for chunk in tqdm(chunks, desc="profile", unit="paragraph", file=sys.stderr):
+        truncated += int(count_tokens(model, chunk) > limit)
+        traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit))
+    scores = analysis.classify_heads(analysis.head_scores(traces))
+    focus = analysis.focus_by_layer(traces)
+    tokens = sum(int(t.mask.sum()) for t in traces)
+    with pd.option_context("display.width", 120, "display.max_columns", 20):
+        print(f"{model.name}: {len(traces)} paragraphs, {tokens} tokens"
+              + (f" ({truncated} truncated to {limit} tokens)" if truncated else ""))
+        print("\nFocus by layer (means over heads):")
+        print(focus[["layer", "entropy", "normalized_entropy", "max_weight"]].round(3).to_string(index=False))
+        print("\nHead categories:")
+        print(scores["category"].value_counts().to_string())
+    if args.csv is not None:
+        scores.to_csv(args.csv, index=False)
+        print(f"\nWrote {args.csv.resolve()}")
+    print(f"\nTook {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""The report: a model and a text in, one self-contained HTML page out.
+
+``build_report`` runs the model, the analyses of attnjax.analysis and the chart
+builders, timing each stage; ``Report.save`` writes the page with save_html.
+
+Sections: what was run (model, sizes, tokens), the model overview, the head
+taxonomy, layer similarity and focus, token flow for one token, anomalies with
+their reasons, the next-token explorer (GPT-2 models) and, when asked, the
+comparison with a second text or model.
+
+Long inputs: the overview draws full maps while layers x heads x tokens^2 stays
+within OVERVIEW_MAX_WEIGHTS (a BERT-base-sized model at 128 tokens; 181 tokens
+for the 72-head MiniLM). Beyond that it draws the pooled POOL_BINS x POOL_BINS
+maps of the streaming statistics and says so; beyond FULL_ATTENTION_TOKENS no
+T x T map is kept at all, and the analyses that need maps (token flow) are left out
+with a note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import jax
+import numpy as np
+import pandas as pd
+
+import attnjax
+from attnjax import analysis
+from attnjax.trace import Capture, Trace
+from attnjax.viz.attention import model_overview
+from attnjax.viz.frames import OVERVIEW_MAX_WEIGHTS, attention_frame, next_token_frames, sequence_tokens, truncate
+from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
+from attnjax.viz.html import Block, save_html
+from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
+from attnjax.viz.next_token import next_token_explorer
+
+POOL_BINS = 64                 # pooled map size for long inputs
+FULL_ATTENTION_TOKENS = 512    # above this, only streaming statistics are captured
+LONG_INPUT_TOKENS = 256        # above this, a progress bar is shown
+TOP_K_NEXT = 12                # next-token explorer bars
+SPECIAL_TOKENS = {"[CLS]", "[SEP]", "[PAD]", "<|endoftext|>", "<s>", "</s>"}
+ALL_HEADS = analysis.ALL_HEADS  # head index of a whole-layer row
+
+
+class ReportInputError(ValueError):
+    """Input the report cannot use (empty text, unknown token, too long): says what to do."""
+
+
+@dataclasses.dataclass
+class Report:
+    """A built report: title, page blocks, stage timings (seconds) and what was run."""
+
+    title: str
+    blocks: List[Block]
+    timings: Dict[str, float]
+    summary: Dict[str, Any]
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the page (self-contained HTML) to ``path``."""
+        return save_html(self, path)
+
+
+class Stages:
+    """Times named stages; optionally advances a progress bar over them."""
+
+    def __init__(self, count: int, progress: bool, on_stage: Optional[Callable[[str], None]] = None):
+        self.timings: Dict[str, float] = {}
+        self.on_stage = on_stage
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=count, desc="attnjax report", unit="stage", leave=False)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+        if self.on_stage is not None:
+            self.on_stage(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.perf_counter() - start
+            if self.bar is not None:
+                self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def full_map_tokens(num_layers: int, num_heads: int) -> int:
+    """The most tokens whose full maps fit the overview budget for this model size."""
+    return int(math.isqrt(OVERVIEW_MAX_WEIGHTS // max(num_layers * num_heads, 1)))
+
+
+def count_tokens(model, text: str) -> int:
+    """Tokens the model's tokenizer makes of ``text`` (special tokens included)."""
+    return len(model.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+
+
+def choose_token(tokens: Sequence[str], positions: np.ndarray, token: Union[int, str, None]) -> int:
+    """Position for the token-flow chart: an int position, the first token matching a
+    string, or by default the last token that is not special or punctuation."""
+    if isinstance(token, (int, np.integer)):
+        if int(token) not in set(int(p) for p in positions):
+            raise ReportInputError(f"--token {token} is not a token position; the text has positions "
+                                   f"{int(positions[0])}..{int(positions[-1])}.")
+        return int(token)
+    if isinstance(token, str) and token.strip():
+        wanted = token.strip().lower()
+        for position, text in zip(positions, tokens):
+            if _plain_token(text) == wanted:
+                return int(position)
+        shown = ", ".join(truncate(t, 16) for t in tokens[:20])
+        raise ReportInputError(f"Token {token!r} is not in the text; its tokens are: {shown}"
+                               f"{' ...' if len(tokens) > 20 else ''}. Pass a position number instead.")
+    for position, text in reversed(list(zip(positions, tokens))):
+        plain = _plain_token(text)
+        if text not in SPECIAL_TOKENS and any(ch.isalnum() for ch in plain):
+            return int(position)
+    return int(positions[-1])
+
+
+def _plain_token(text: str) -> str:
+    return str(text).strip().removeprefix("##").removeprefix("\u0120").lower()
+
+
+@dataclasses.dataclass
+class Results:
+    """Everything the page shows, computed before any chart is built."""
+
+    model: Any
+    model_b: Any
+    text: str
+    compare_text: Optional[str]
+    max_length: Optional[int]
+    trace: Trace
+    mode: str                                  # "full", "pooled overview" or "statistics only"
+    positions: np.ndarray                      # (n,) non-padding positions
+    tokens: Tuple[str, ...]                    # (n,) their tokens
+    position: int                              # the token-flow token
+    heads: pd.DataFrame                        # classify_heads(head_scores(trace))
+    similarity: pd.DataFrame
+    focus: pd.DataFrame
+    flow: Optional[pd.DataFrame]               # token_flow, None without maps
+    rollout: Optional[pd.DataFrame]            # rollout_frame rows of the token
+    anomalies: pd.DataFrame                    # flagged rows of detect_anomalies
+    changes: Optional[pd.DataFrame] = None     # compare, when asked for
+    compare_labels: Tuple[str, str] = ("A", "B")
+    next_token: Optional[Tuple[pd.DataFrame, pd.DataFrame]] = None
+
+
+def build_report(
+    model: Any,
+    text: str,
+    *,
+    compare_text: Optional[str] = None,
+    model_b: Any = None,
+    max_length: Optional[int] = None,
+    token: Union[int, str, None] = None,
+    scheme: str = "viridis",
+    scale: str = "linear",
+    progress: Optional[bool] = None,
+    on_stage: Optional[Callable[[str], None]] = None,
+) -> Report:
+    """Run ``model`` on ``text`` and build the report (see the module docstring).
+
+    model, model_b: an attnjax Model or anything attnjax.load takes ("minilm", a
+    directory, a hub id). compare_text / model_b: add the comparison section
+    (compare_text through model_b, or through model; text through model_b).
+    max_length: truncate to this many tokens (over-long text is an error without it).
+    token: position (int) or token text for the token-flow chart. progress: show a
+    progress bar (default: for inputs over LONG_INPUT_TOKENS tokens). on_stage:
+    called with each stage's name as it starts.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ReportInputError("The text is empty; give some words with --text or --file.")
+    if compare_text is not None and not compare_text.strip():
+        raise ReportInputError("The comparison text is empty; give some words with --compare.")
+    comparing = compare_text is not None or model_b is not None
+    load_timings = {}
+    for label, which in (("load model", model), ("load model B", model_b)):
+        if which is not None and not hasattr(which, "forward"):
+            start = time.perf_counter()
+            loaded = attnjax.load(which)
+            load_timings[label] = time.perf_counter() - start
+            model, model_b = (loaded, model_b) if label == "load model" else (model, loaded)
+
+    n_tokens = count_tokens(model, text)
+    limit = model.config.max_positions
+    if max_length is None and n_tokens > limit:
+        raise ReportInputError(f"The text is {n_tokens} tokens, more than the model's {limit} positions; "
+                               f"pass max_length (--max-length {limit}) to truncate it.")
+    n_used = min(n_tokens, max_length) if max_length is not None else n_tokens
+    show_progress = n_used > LONG_INPUT_TOKENS if progress is None else progress
+    stages = Stages(7 + comparing, progress=show_progress, on_stage=on_stage)
+    stages.timings.update(load_timings)
+    try:
+        results = _analyse(model, model_b, text, compare_text, max_length, token, n_used, stages)
+        with stages.stage("charts"):
+            blocks = _blocks(results, scheme, scale)
+    finally:
+        stages.close()
+    summary = {
+        "model": model.name or model.family, "family": model.family, "layers": model.config.num_layers,
+        "heads": model.config.num_heads, "tokens": len(results.tokens), "maps": results.mode,
+        "anomalies": len(results.anomalies),
+    }
+    return Report(title=f"attnjax report: {model.name or model.family}", blocks=blocks,
+                  timings=dict(stages.timings), summary=summary)
+
+
+def _capture(model, n_tokens: int) -> Tuple[Capture, str]:
+    """What to record: full maps (+ pooled stats when the overview needs them)."""
+    full_limit = full_map_tokens(model.config.num_layers, model.config.num_heads)
+    if n_tokens <= full_limit:
+        return Capture(attention=True), "full"
+    if n_tokens <= FULL_ATTENTION_TOKENS:
+        return Capture(attention=True, stats=True, pool=POOL_BINS), "pooled overview"
+    return Capture(stats=True, pool=POOL_BINS), "statistics only"
+
+
+def _analyse(model, model_b, text, compare_text, max_length, token, n_tokens, stages: Stages) -> Results:
+    capture, mode = _capture(model, n_tokens)
+    with stages.stage("run model"):
+        output, trace = attnjax.run(model, text, capture=capture, max_length=max_length, return_output=True)
+        jax.block_until_ready(trace.mask)
+    positions, tokens = sequence_tokens(trace, 0)
+    position = choose_token(tokens, positions, token)
+    with stages.stage("head scores"):
+        heads = analysis.classify_heads(analysis.head_scores(trace))
+    with stages.stage("similarity and focus"):
+        similarity = analysis.layer_similarity(trace)
+        focus = analysis.focus_by_layer(trace)
+    flow = rollout = None
+    with stages.stage("token flow"):
+        if trace.attention is not None:
+            flow = analysis.token_flow(trace, position)
+            rolled = analysis.rollout_frame(trace, sequence=0)
+            rollout = rolled[rolled["query"] == position]
+    with stages.stage("anomalies"):
+        anomalies = analysis.detect_anomalies(trace, similarity=similarity)
+        if "flagged" in anomalies.columns:
+            anomalies = anomalies[anomalies["flagged"].astype(bool)]
+    results = Results(model=model, model_b=model_b, text=text, compare_text=compare_text, max_length=max_length,
+                      trace=trace, mode=mode, positions=positions, tokens=tokens, position=position, heads=heads,
+                      similarity=similarity, focus=focus, flow=flow, rollout=rollout, anomalies=anomalies)
+    if compare_text is not None or model_b is not None:
+        with stages.stage("comparison"):
+            results.changes, results.compare_labels = _comparison(results, capture)
+    with stages.stage("next token"):
+        if model.family == "gpt2":
+            logits = np.asarray(output.logits[0, int(positions[-1])])             # (V,)
+            results.next_token = next_token_frames(logits, lambda i: model.tokenizer.decode([i]), k=TOP_K_NEXT)
+    return results
+
+
+def _comparison(results: Results, capture: Capture) -> Tuple[pd.DataFrame, Tuple[str, str]]:
+    model, model_b = results.model, results.model_b
+    other_model = model_b if model_b is not None else model
+    other_text = results.compare_text if results.compare_text is not None else results.text
+    n_other = count_tokens(other_model, other_text)
+    if results.max_length is None and n_other > other_model.config.max_positions:
+        raise ReportInputError(f"The comparison text is {n_other} tokens, more than the model's "
+                               f"{other_model.config.max_positions} positions; pass --max-length to truncate it.")
+    other = attnjax.run(other_model, other_text, capture=capture, max_length=results.max_length)
+    changes = analysis.compare(results.trace, other)
+    if model_b is not None and results.compare_text is not None:
+        labels = (f"{model.name} on the text", f"{model_b.name} on the comparison text")
+    elif model_b is not None:
+        labels = (model.name or "model A", model_b.name or "model B")
+    else:
+        labels = ("text", "comparison text")
+    return changes, labels
+
+
+def _maps_text(mode: str) -> str:
+    return {
+        "full": "full T x T maps",
+        "pooled overview": f"full maps; overview pooled to {POOL_BINS} x {POOL_BINS}",
+        "statistics only": f"streaming statistics only (pooled {POOL_BINS} x {POOL_BINS})",
+    }[mode]
+
+
+def _run_table(r: Results, scheme: str, scale: str) -> List[Tuple[str, Any]]:
+    config = r.model.config
+    rows = [("model", r.model.name or r.model.family)]
+    if r.model_b is not None:
+        rows.append(("model B", r.model_b.name or r.model_b.family))
+    rows += [
+        ("family", r.model.family),
+        ("layers x heads", f"{config.num_layers} x {config.num_heads}"),
+        ("hidden size", getattr(config, "hidden_size", "")),
+        ("max positions", config.max_positions),
+        ("tokens", f"{len(r.tokens)}" + (f" (truncated to --max-length {r.max_length})" if r.max_length else "")),
+        ("text", truncate(" ".join(r.text.split()), 160)),
+    ]
+    if r.compare_text is not None:
+        rows.append(("comparison text", truncate(" ".join(r.compare_text.split()), 160)))
+    rows += [
+        ("attention maps", _maps_text(r.mode)),
+        ("colours", f"{scheme}, {scale} scale"),
+        ("attnjax / jax", f"{attnjax.__version__} / {jax.__version__} on {jax.default_backend()}"),
+        ("made", datetime.datetime.now().strftime("%Y-%m-%d %H:%M")),
+    ]
+    return rows
+
+
+def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
+    """The page: headings, notes, tables and charts, in reading order."""
+    frame = attention_frame(r.trace, max_tokens=None if r.mode == "full" else 0)  # 0: use the pooled maps
+    blocks: List[Block] = [
+        Block("h1", f"Attention report: {r.model.name or r.model.family}"),
+        Block("h2", "What was run", anchor="run"),
+        Block("table", _run_table(r, scheme, scale)),
+        Block("note", "Tokens (position: token):"),
+        Block("tokens", "  ".join(f"{int(p)}:{t}" for p, t in zip(r.positions, r.tokens))),
+        Block("h2", "Model overview", anchor="overview"),
+    ]
+    if r.mode != "full":
+        blocks.append(Block("note", f"{len(r.tokens)} tokens is over the overview's full-map budget for this model "
+                                    f"size, so it shows {POOL_BINS} x {POOL_BINS} pooled maps (block means from "
+                                    "the streaming statistics)."))
+    blocks += [
+        Block("note", "Each thumbnail is one head (rows: queries, columns: keys), coloured relative to its own "
+                      "maximum. Click one, or use the sliders, to open it large; hover for tokens and weights."),
+        Block("chart", model_overview(frame, scores=r.heads, scheme=scheme, scale=scale)),
+        Block("h2", "Head taxonomy", anchor="taxonomy"),
+        Block("note", "Each head gets one category from its scores (Clark et al. 2019 thresholds; induction and "
+                      "duplicate from Olsson et al. 2022). Hover for every score."),
+        Block("chart", taxonomy_chart(r.heads)),
+        Block("h2", "Layer similarity and focus", anchor="layers"),
+        Block("chart", layer_similarity_chart(r.similarity, scheme=scheme)),
+        Block("chart", focus_chart(r.focus)),
+        Block("h2", "Token flow", anchor="flow"),
+    ]
+    if r.flow is not None:
+        token = r.tokens[list(r.positions).index(r.position)]
+        blocks += [
+            Block("note", f"Where token {r.position} (\u201c{token}\u201d) looks in each layer, averaged over heads "
+                          "(raw, with a head chooser), and its attention rollout (Abnar & Zuidema 2020). Pick "
+                          "another token with --token."),
+            Block("chart", token_flow_chart(r.flow, r.rollout, position=r.position, scheme=scheme, heads=True)),
+        ]
+    else:
+        blocks.append(Block("note", f"Left out: the input is over {FULL_ATTENTION_TOKENS} tokens, so no full "
+                                    "attention maps were kept, and token flow needs them."))
+    blocks += [Block("h2", "Anomalies", anchor="anomalies"), Block("chart", anomaly_chart(r.anomalies, r.heads))]
+    if len(r.anomalies):
+        columns = [c for c in ("layer", "head", "kind", "score", "threshold", "detail") if c in r.anomalies.columns]
+        table = r.anomalies[columns].copy()
+        table["head"] = ["all" if int(h) == ALL_HEADS else int(h) for h in table["head"]]
+        blocks.append(Block("table", table))
+    else:
+        blocks.append(Block("note", "No head or layer crossed an anomaly threshold."))
+    if r.changes is not None:
+        a, b = r.compare_labels
+        blocks += [
+            Block("h2", "Comparison", anchor="comparison"),
+            Block("note", f"A = {a}, B = {b}. Colour: Jensen-Shannon divergence between the two attention maps "
+                          "of each head (positions aligned by index); text: heads whose category changed."),
+            Block("chart", comparison_chart(r.changes, labels=r.compare_labels)),
+        ]
+    if r.next_token is not None:
+        blocks += [
+            Block("h2", "Next token", anchor="next-token"),
+            Block("note", "The model's top next tokens after the text. The temperature slider recomputes the "
+                          "softmax in the page, with the normaliser over the whole vocabulary."),
+            Block("chart", next_token_explorer(*r.next_token, context=" ".join(r.text.split())[-60:])),
+        ]
+    return blocks

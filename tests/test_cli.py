@@ -1,0 +1,110 @@
+"""`attnjax report` / `attnjax profile`: exit codes and one-line messages, plus one real run.
+
+Bad input gets one line on stderr starting "attnjax: error:", exit status 2 and no
+traceback. The in-process tests call cli.main(argv); one test runs the command as
+a subprocess, as `make demo` does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnjax import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(capsys, *argv):
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(err: str, *fragments: str):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("attnjax: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_file(capsys, tmp_path):
+    status, _, err = run_main(capsys, "report", "--file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "nope.txt", "no such file")
+
+
+@pytest.mark.parametrize("argv", [["--text", "   "], ["--file", "EMPTY"]])
+def test_empty_text(capsys, tmp_path, argv):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    status, _, err = run_main(capsys, "report", *argv, "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "empty")
+
+
+def test_unknown_model(capsys, tmp_path):
+    status, _, err = run_main(capsys, "report", "--model", str(tmp_path / "no-such-model"), "--text", "hi",
+                              "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "--model", "no-such-model")
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "is-dir"])
+def test_unwritable_output(capsys, tmp_path, where):
+    out = tmp_path / "missing" / "r.html" if where == "missing-dir" else tmp_path
+    status, _, err = run_main(capsys, "report", "--text", "hi", "--out", str(out))
+    assert status == 2
+    assert_one_line_error(err, "--out")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_over_long_input_needs_max_length(capsys, tmp_path):
+    status, _, err = run_main(capsys, "report", "--text", "word " * 600, "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "512 positions", "--max-length")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_bad_max_length_and_token(capsys, tmp_path):
+    status, _, err = run_main(capsys, "report", "--text", "hi", "--max-length", "0", "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "--max-length")
+
+
+def test_no_command_prints_help(capsys):
+    status, out, _ = run_main(capsys)
+    assert status == 2 and "report" in out
+
+
+def test_profile(capsys, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat on the mat.\nIt was warm.\n\nThe dog slept by the door.\n")
+    status, out, err = run_main(capsys, "profile", str(corpus), "--csv", str(tmp_path / "heads.csv"))
+    assert status == 0, err
+    assert "2 paragraphs" in out and "Focus by layer" in out and "Head categories" in out
+    assert (tmp_path / "heads.csv").read_text().startswith("layer,head,")
+    status, _, err = run_main(capsys, "profile", str(tmp_path / "missing.txt"))
+    assert status == 2
+    assert_one_line_error(err, "no such file")
+
+
+def test_report_command_end_to_end(tmp_path):
+    # The real command in a fresh process, as `make demo` runs it (built-in example text).
+    out = tmp_path / "demo.html"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "attnjax.cli", "report", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"Wrote {out.resolve()}" in result.stdout
+    for stage in ("load model", "run model", "head scores", "charts", "write HTML", "total"):
+        assert stage in result.stdout
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Model overview" in page

@@ -1,0 +1,155 @@
+"""The report: every section, the size budget, and a hostile text, in headless Chromium.
+
+One MiniLM report at 128 tokens (with a comparison) is built once for the module;
+a tiny random GPT-2 (tests/tiny_models.py) covers the next-token explorer and the
+long-input paths, with the budgets shrunk so that its short inputs take them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax.viz import browser, report as report_module
+from attnjax.viz.report import ReportInputError, build_report, choose_token
+from tests.tiny_models import tiny_gpt2
+
+EXAMPLE = (Path(attnjax.__file__).parent / "data" / "example.txt").read_text()
+HOSTILE = "</script><script>document.title='pwned';document.body.setAttribute('data-pwned','1')</script>"
+REPORT_BUDGET_BYTES = 3_000_000    # docs/viz.md: the MiniLM report at 128 tokens
+OVERVIEW_BUDGET_BYTES = 2_000_000  # docs/viz.md: its overview chart's spec
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return attnjax.load("minilm")
+
+
+@pytest.fixture(scope="module")
+def built(minilm, tmp_path_factory):
+    text = HOSTILE + " " + EXAMPLE
+    report = build_report(minilm, text, compare_text=EXAMPLE, max_length=128, progress=False)
+    path = report.save(tmp_path_factory.mktemp("report") / "report.html")
+    return report, path, path.read_text()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    tiny_gpt2(directory)
+    return attnjax.load(str(directory))
+
+
+def chart_specs(page: str):
+    return re.findall(r'<script type="application/json" data-attnjax-chart="[^"]+">(.*?)</script>', page, re.S)
+
+
+def test_report_has_every_section(built):
+    report, _, page = built
+    for anchor in ("run", "overview", "taxonomy", "layers", "flow", "anomalies", "comparison"):
+        assert f'<h2 id="{anchor}">' in page
+    assert 'id="next-token"' not in page  # BERT has no next-token head
+    assert report.summary["tokens"] == 128 and report.summary["maps"] == "full"
+    assert len(chart_specs(page)) == 7  # overview, taxonomy, similarity, focus, flow, anomalies, comparison
+    for stage in ("run model", "head scores", "token flow", "anomalies", "comparison", "charts"):
+        assert report.timings[stage] >= 0
+
+
+def test_report_size_budget_at_128_tokens(built):
+    _, path, page = built
+    overview = chart_specs(page)[0]
+    assert len(overview) <= OVERVIEW_BUDGET_BYTES, len(overview)
+    assert path.stat().st_size <= REPORT_BUDGET_BYTES, path.stat().st_size
+
+
+def test_report_escapes_the_hostile_text(built):
+    _, _, page = built
+    assert HOSTILE not in page
+    assert "&lt;/script&gt;&lt;script&gt;document.title=" in page  # shown, escaped, in "What was run"
+    assert page.lower().count("<script") == 2 + 7  # bundle, bootstrap, one JSON block per chart
+
+
+def test_report_draws_in_chromium_without_running_token_text(built):
+    if browser.find_chromium() is None:
+        pytest.skip(f"Chromium not found: {browser.INSTALL_HINT}.")
+    _, path, _ = built
+    page = browser.render(path)
+    assert page.charts_drawn == 7 and page.chart_errors == 0
+    assert page.svg_count + page.canvas_count >= 7
+    assert page.title == "attnjax report: minilm"
+    assert 'data-pwned="1"' not in page.dom
+    assert len(re.findall(r"<script\b", page.dom)) == 2 + 7
+
+
+@pytest.fixture(scope="module")
+def gpt2_pooled(gpt2, tmp_path_factory):
+    """A GPT-2 report whose 40 tokens are over a shrunk overview budget: pooled maps."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module, "OVERVIEW_MAX_WEIGHTS", 2 * 4 * 20 * 20)  # full maps up to 20 tokens
+        patch.setattr(report_module, "POOL_BINS", 8)
+        report = build_report(gpt2, LONG_GPT2_TEXT, max_length=40, progress=False)
+    path = report.save(tmp_path_factory.mktemp("gpt2") / "gpt2.html")
+    return report, path, path.read_text()
+
+
+LONG_GPT2_TEXT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+def test_gpt2_report_has_the_next_token_explorer(gpt2_pooled):
+    report, _, page = gpt2_pooled
+    assert report.summary["family"] == "gpt2"
+    assert '<h2 id="next-token">' in page
+    explorer = chart_specs(page)[-1]
+    assert "log_normalizers" in explorer and "temperature" in explorer
+
+
+def test_long_input_switches_to_pooled_maps(gpt2_pooled):
+    report, path, page = gpt2_pooled
+    assert report.summary["maps"] == "pooled overview"
+    assert "pooled 8 x 8" in page and "streaming statistics" in page
+    if browser.find_chromium() is not None:
+        rendered = browser.render(path)
+        assert rendered.charts_drawn == len(chart_specs(page)) and rendered.chart_errors == 0
+
+
+def test_very_long_input_keeps_statistics_only(gpt2, monkeypatch):
+    monkeypatch.setattr(report_module, "OVERVIEW_MAX_WEIGHTS", 2 * 4 * 20 * 20)
+    monkeypatch.setattr(report_module, "POOL_BINS", 8)
+    monkeypatch.setattr(report_module, "FULL_ATTENTION_TOKENS", 30)
+    report = build_report(gpt2, LONG_GPT2_TEXT, max_length=40, progress=False)
+    assert report.summary["maps"] == "statistics only"
+    page = attnjax.viz.to_html(report)
+    assert "token flow needs them" in page and len(chart_specs(page)) == 6  # no flow chart
+
+
+def test_comparison_with_a_second_model(gpt2, tmp_path):
+    # Two checkpoints of one architecture (seeds 0 and 1) on the same text.
+    tiny_gpt2(tmp_path, seed=1)
+    other = attnjax.load(str(tmp_path))
+    report = build_report(gpt2, "The lazy dog sat.", model_b=other, progress=False)
+    page = attnjax.viz.to_html(report)
+    assert '<h2 id="comparison">' in page and f"B = {other.name}" in page
+    assert "comparison" in report.timings
+
+
+def test_report_rejects_bad_input(minilm):
+    with pytest.raises(ReportInputError, match="empty"):
+        build_report(minilm, "   ")
+    with pytest.raises(ReportInputError, match="512 positions"):
+        build_report(minilm, "word " * 600)
+    with pytest.raises(ReportInputError, match="not in the text"):
+        build_report(minilm, "The cat sat.", token="zebra")
+
+
+def test_choose_token():
+    tokens = ("[CLS]", "the", "cat", "##s", ".", "[SEP]")
+    positions = np.arange(6)
+    assert choose_token(tokens, positions, None) == 3  # last word piece that is not special/punctuation
+    assert choose_token(tokens, positions, "CAT") == 2
+    assert choose_token(tokens, positions, 4) == 4
+    with pytest.raises(ReportInputError, match="not a token position"):
+        choose_token(tokens, positions, 9)

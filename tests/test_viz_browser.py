@@ -1,0 +1,163 @@
+"""Exported charts open in headless Chromium, offline, draw, and run no script from token text.
+
+Chromium (Debian's `chromium` package) runs with --headless --no-sandbox, a fresh
+profile and every host name unresolvable; the page must still draw, so nothing it
+needs comes from the network. Without Chromium these tests skip and say how to
+install it (.ci/run installs it, so CI always runs them).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import attnjax
+from attnjax import analysis, viz
+from attnjax.viz import browser
+from attnjax.viz.html import to_html
+
+HOSTILE = [
+    "</script><script>document.title='pwned';document.body.setAttribute('data-pwned','1')</script>",
+    "<img src=x onerror=\"document.title='pwned-img'\">",
+    "\u2028<!--",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    found = browser.find_chromium()
+    if found is None:
+        pytest.skip(f"Chromium not found: {browser.INSTALL_HINT}.")
+    return found
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return attnjax.run(attnjax.load("minilm"), "The cat sat on the mat. Then the cat saw a dog.")
+
+
+def charts(trace):
+    frame = viz.attention_frame(trace)
+    heads = analysis.classify_heads(analysis.head_scores(trace))
+    anomalies = analysis.detect_anomalies(trace)
+    other = attnjax.run(attnjax.load("minilm"), "The dog sat on the mat. Then the dog saw a cat.")
+    logits = np.linspace(3.0, -3.0, 50)
+    return {
+        "heatmap": viz.attention_heatmap(frame, layer=1, head=4, scale="log"),
+        "overview": viz.model_overview(frame, scores=heads),
+        "taxonomy": viz.taxonomy_chart(heads),
+        "similarity": viz.layer_similarity_chart(analysis.layer_similarity(trace)),
+        "focus": viz.focus_chart(analysis.focus_by_layer(trace)),
+        "token_flow": viz.token_flow_chart(analysis.token_flow(trace, 2), analysis.rollout_frame(trace, sequence=0),
+                                           heads=True),
+        "anomalies": viz.anomaly_chart(anomalies, heads),
+        "comparison": viz.comparison_chart(analysis.compare(trace, other)),
+        "next_token": viz.next_token_explorer(*viz.next_token_frames(logits, lambda i: f" t{i}", k=5)),
+    }
+
+
+def test_every_chart_draws_offline(chromium, trace, tmp_path):
+    failures = []
+    for name, chart in charts(trace).items():
+        path = viz.save_html(chart, tmp_path / f"{name}.html")
+        page = browser.render(path, chromium=chromium)
+        if not page.drew:
+            failures.append((name, page.charts_drawn, page.chart_errors, page.svg_count, page.canvas_count))
+    assert not failures, f"charts that did not draw (name, drawn, errors, svg, canvas): {failures}"
+
+
+def hostile_frame(n: int = 6) -> pd.DataFrame:
+    tokens = ["[CLS]"] + HOSTILE + ["fine"] * (n - 1 - len(HOSTILE))
+    index = np.arange(n)
+    weights = np.random.default_rng(0).dirichlet(np.ones(n), size=(2, 2, n))  # (L, H, Q, K)
+    return pd.DataFrame({
+        "layer": np.repeat([0, 1], 2 * n * n), "head": np.tile(np.repeat([0, 1], n * n), 2),
+        "query": np.tile(np.repeat(index, n), 4), "key": np.tile(index, 4 * n), "weight": weights.reshape(-1),
+        "query_token": np.tile(np.repeat(tokens, n), 4), "key_token": np.tile(np.tile(tokens, n), 4),
+    })
+
+
+@pytest.mark.parametrize("renderer", ["svg", "canvas"])
+def test_hostile_tokens_render_as_text(chromium, tmp_path, renderer):
+    frame = hostile_frame()
+    path = tmp_path / "hostile.html"
+    path.write_text(to_html(viz.model_overview(frame), title="hostile test", renderer=renderer))
+    page = browser.render(path, chromium=chromium)
+    assert page.drew
+    assert page.title == "hostile test"  # no injected script changed it
+    assert 'data-pwned="1"' not in page.dom
+    assert not re.search(r"<img[^>]*onerror", page.dom)
+    assert len(re.findall(r"<script\b", page.dom)) == 3  # bundle, spec JSON, bootstrap: nothing else
+    if renderer == "svg":  # the axis labels are the (truncated) tokens, as text
+        assert re.search(r"<text[^>]*>&lt;/script&gt;&lt;s\u2026</text>", page.dom)
+        assert re.search(r"<text[^>]*>&lt;img src=x \u2026</text>", page.dom)
+
+
+def test_control_altair_own_html_runs_the_injected_script(chromium, tmp_path):
+    # Why the exporter exists: Altair's HTML pastes the spec into a script element, and
+    # the hostile token runs there. This also shows the checks above can see an injection.
+    import altair as alt
+
+    chart = alt.Chart(pd.DataFrame({"token": [HOSTILE[0]], "weight": [1.0]})).mark_bar().encode(x="token:N",
+                                                                                               y="weight:Q")
+    path = tmp_path / "altair.html"
+    path.write_text(chart.to_html())
+    assert browser.render(path, chromium=chromium).title == "pwned"
+
+
+def with_probe(page: str, probe_js: str) -> str:
+    """The page with its CSP removed and ``probe_js`` run 2 s after the charts are embedded.
+
+    The probe sees the Vega views in ``views``; it reports through document.title."""
+    page = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)
+    probe = """<script>
+    var realEmbed = window.vegaEmbed, views = [];
+    window.vegaEmbed = function (el, spec, opts) {
+      return realEmbed(el, spec, opts).then(function (r) { views.push(r.view); return r; }); };
+    function findItems(node, test, out) { (node.items || []).forEach(function (item) {
+      if (item.datum && item.mark && test(item)) out.push(item); findItems(item, test, out); }); return out; }
+    function pointAt(view, item) {
+      var b = item.bounds, x = (b.x1 + b.x2) / 2, y = (b.y1 + b.y2) / 2, group = item.mark.group;
+      while (group) { x += group.x || 0; y += group.y || 0; group = group.mark && group.mark.group; }
+      var canvas = view.container().querySelector('canvas'), box = canvas.getBoundingClientRect();
+      return {canvas: canvas, x: box.left + x + view.origin()[0], y: box.top + y + view.origin()[1]}; }
+    function fire(point, types) { types.forEach(function (t) {
+      point.canvas.dispatchEvent(new MouseEvent(t, {bubbles: true, clientX: point.x, clientY: point.y})); }); }
+    setTimeout(function () { try { PROBE } catch (e) { document.title = 'probe failed: ' + e; } }, 2000);
+    </script>""".replace("PROBE", probe_js)
+    return page.replace("<script>(function () {", probe + "<script>(function () {", 1)
+
+
+def test_clicking_a_thumbnail_opens_that_head(chromium, trace, tmp_path):
+    page = to_html(viz.model_overview(viz.attention_frame(trace)), renderer="canvas")
+    probe = """
+      var view = views[0];
+      var cell = findItems(view.scenegraph().root, function (item) {
+        return item.datum.layer === 3 && item.datum.head === 5 && item.mark.marktype === 'rect'; }, [])[0];
+      fire(pointAt(view, cell), ['pointermove', 'mousemove', 'pointerdown', 'mousedown', 'pointerup', 'mouseup',
+                                 'click']);
+      setTimeout(function () { document.title = 'selected ' + view.signal('head_select_layer') + ' '
+                                                + view.signal('head_select_head'); }, 500);"""
+    path = tmp_path / "click.html"
+    path.write_text(with_probe(page, probe))
+    assert browser.render(path, chromium=chromium).title == "selected 3 5"
+
+
+def test_tooltips_show_hostile_tokens_as_text(chromium, tmp_path):
+    # The probe spells the token's "<" as \u003c so that its own script element stays open.
+    page = to_html(viz.attention_heatmap(hostile_frame(), layer=0, head=0), renderer="canvas")
+    probe = """
+      var view = views[0];
+      var cell = findItems(view.scenegraph().root, function (item) {
+        return item.datum.query === 1 && item.datum.key === 2 && item.mark.marktype === 'rect'; }, [])[0];
+      fire(pointAt(view, cell), ['pointermove', 'mousemove', 'pointerover']);
+      setTimeout(function () {
+        var tip = document.getElementById('vg-tooltip-element') || document.createElement('div');
+        document.title = 'tooltip ' + (tip.querySelector('img, script') ? 'has markup' : 'text only') + ' '
+                         + (tip.textContent.indexOf('\\u003c/script>\\u003cscript>') >= 0 ? 'shows token' : 'no token'); }, 500);"""
+    path = tmp_path / "tooltip.html"
+    path.write_text(with_probe(page, probe))
+    assert browser.render(path, chromium=chromium).title == "tooltip text only shows token"
