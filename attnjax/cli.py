@@ -14,7 +14,6 @@ an unexpected failure in one line with status 1 (--debug shows the traceback).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `attnjax` command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse has already printed
+        return int(exit_.code or 0)
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -54,7 +54,7 @@ def run_child(args) -> dict:
 
     rng = np.random.default_rng(0)
     shape = (args.batch, args.length, args.heads, args.head_dim)  # (B, T, N, H)
-    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
+    q, k, v = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(3))
     jax.block_until_ready((q, k, v))
     baseline_mib = _rss_peak_mib()
 

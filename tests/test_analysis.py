@@ -428,7 +428,7 @@ def test_detect_anomalies_finds_the_heads_that_were_built(rng):
     # exactly the three odd heads; sharp previous-token heads are focused, not dead
     assert found == {(1, 0, "over-dispersed"), (1, 1, "over-concentrated"), (1, 2, "jumping")}
     sink = flagged[flagged["kind"] == "over-concentrated"].iloc[0]
-    assert "position 0 '[CLS]'" in sink["detail"]
+    assert "mostly on position 0 '[CLS]'" in sink["detail"]
     assert set(flagged.columns) == {"layer", "head", "kind", "score", "threshold", "flagged", "detail"}
     assert flagged["flagged"].all()
 

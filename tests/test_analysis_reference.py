@@ -174,12 +174,13 @@ def reference_similarity(maps, mask, metric="jsd", dtype=np.float64):
     return out
 
 
-def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.9, window=2):
+def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.9, window=2, decisive=0.5):
     """Per-head (L, H) concentrated share and jump score (attnjax/analysis/anomalies.py).
 
     concentrated: share of non-padding queries with top-2 mass >= ``mass`` whose argmax is
     position 0, a special token, or the head's most frequent argmax in that sequence.
-    jump: mean over adjacent query pairs of |argmax step| / tokens, unexplained pairs only.
+    jump: mean over adjacent query pairs of |argmax step| / tokens, counting only pairs of
+    decisive queries (max weight >= ``decisive``) whose argmaxes are not both explained.
     """
     attention = np.asarray(attention, np.float64)
     mask = np.asarray(mask, bool)
@@ -220,6 +221,9 @@ def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.
                         return (abs(key - query) <= window or key == 0 or special[b, key]
                                 or key in earlier or key - 1 in earlier)
 
+                    weights = attention[layer, b, head]
+                    if weights[i].max() < decisive or weights[i + 1].max() < decisive:
+                        continue
                     if not (explained(i, k0) and explained(i + 1, k1)):
                         jump[layer, head] += abs(k1 - k0) / n
     return concentrated, jump / max(pairs, 1)

@@ -214,9 +214,10 @@ def test_blockwise_bfloat16_matches_reference(causal):
 
 
 def test_blockwise_default_tiles_single_and_many_blocks():
-    # Default tiles (512) cover the whole sequence in one block; 8-row tiles need many.
-    q, k, v, mask = make_inputs(9, 1, 50, 2, 32, padding="random")
-    for tiles in (None, BlockwiseBlockSizes(8, 8)):
+    # Default tiles (512) cover the whole sequence in one block; 8-row tiles need many;
+    # block_heads=2 walks both heads of a sequence in one step.
+    q, k, v, mask = make_inputs(9, 2, 50, 2, 32, padding="random")
+    for tiles in (None, BlockwiseBlockSizes(8, 8), BlockwiseBlockSizes(16, 8, block_heads=2)):
         fn = functools.partial(blockwise_attention, block_sizes=tiles)
         check_against_reference(fn, q, k, v, mask, causal=True, pool=3, out_tol=F32_TOL, stats_tol=F32_TOL)
 

@@ -8,13 +8,11 @@ script-safe JSON) are checked against their definitions.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import struct
 import zlib
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import pytest
@@ -181,8 +179,12 @@ def test_attention_frame_drops_padding(minilm):
     assert set(frame["query_token"]) == set(batch.tokens[0][:n])
 
 
-def test_pooled_frame_from_stats(minilm):
-    stats_trace = attnjax.run(minilm, TEXT * 3, capture=attnjax.Capture(stats=True, pool=8))
+@pytest.fixture(scope="module")
+def stats_trace(minilm):
+    return attnjax.run(minilm, TEXT * 3, capture=attnjax.Capture(stats=True, pool=8))
+
+
+def test_pooled_frame_from_stats(stats_trace):
     frame = viz.attention_frame(stats_trace)
     assert frame.attrs["pooled"] == {"bins": 8, "tokens": int(np.asarray(stats_trace.mask[0]).sum())}
     assert len(frame) == 6 * 12 * 8 * 8
@@ -191,8 +193,8 @@ def test_pooled_frame_from_stats(minilm):
     assert "pooled 8 x 8" in json.dumps(spec["title"])
 
 
-def test_attention_frame_needs_maps_or_pooled_stats(minilm):
-    bare = attnjax.run(minilm, TEXT, capture=attnjax.Capture(stats=True))
+def test_attention_frame_needs_maps_or_pooled_stats(stats_trace):
+    bare = stats_trace.replace(stats=stats_trace.stats.replace(pooled=None))  # as Capture(stats=True) gives
     with pytest.raises(ValueError, match="no attention maps"):
         viz.attention_frame(bare)
 
@@ -374,6 +376,22 @@ def test_hostile_tokens_are_escaped_in_the_page(frame):
     page = to_html(viz.attention_heatmap(hostile))
     assert HOSTILE not in page
     assert page.lower().count("<script") == 3  # the bundle, the spec (JSON) and the bootstrap
+
+
+def test_control_characters_in_tokens_are_drawn_visibly(tmp_path, frame):
+    # GPT-2 byte tokens decode to control characters; SVG cannot hold them and vl-convert
+    # aborts the whole process on one, so every label and tooltip text is made visible.
+    odd = {"cat": "\x00", "sat": "a\x06b", "mat": "\ud800", "the": "\n"}
+    weird = frame.copy()
+    for column in ("query_token", "key_token"):
+        weird[column] = weird[column].cat.rename_categories(lambda t: odd.get(t, t))
+    chart = viz.attention_heatmap(weird)
+    svg = viz.save_image(chart, tmp_path / "weird.svg").read_text()
+    assert "\u2400" in svg and "a\u2406b" in svg and "\u21b5" in svg  # control pictures, return arrow
+    viz.save_image(chart, tmp_path / "weird.png")
+    viz.save_html(chart, tmp_path / "weird.html", title="tokens \x00 \ud800")
+    top, normalizers = viz.next_token_frames(np.array([2.0, 1.0]), lambda i: ["\x00", "\x06"][i], k=2)
+    viz.save_image(viz.next_token_explorer(top, normalizers), tmp_path / "next.png")
 
 
 def test_builders_reject_wrong_frames(frame):

@@ -121,6 +121,7 @@ def score_terms(block, mask, input_ids, classes, *, causal: bool) -> Dict[str, j
 
     block (L, H, T, T); mask, input_ids (T,); classes (T, 3) float32 ([CLS], [SEP],
     punctuation keys). Returns (L, H, T) arrays named after the score columns, plus
+    ``top2`` (sum of the two largest weights), ``argmax`` (int32, first maximum),
     ``row_sum``, ``hidden`` (for validation) and the scalar ``lowest``.
     """
     num_layers, heads, seq, _ = block.shape
@@ -142,10 +143,13 @@ def score_terms(block, mask, input_ids, classes, *, causal: bool) -> Dict[str, j
     terms = {name: sums[..., index] for index, name in enumerate(CHANNELS)}
     row_entropy = entropy(block)  # (L, H, T)
     self_mass, below, above = diagonals(block)
+    largest, top2, argmax = top_two(block)
     terms.update({
         "entropy": row_entropy,
         "normalized_entropy": row_entropy / jnp.log(jnp.maximum(n_visible, 2.0))[None, None, :],
-        "max_weight": block.max(-1),
+        "max_weight": largest,
+        "top2": top2,
+        "argmax": argmax,
         "self": self_mass,
         "previous_token": below,
         "next_token": above,
@@ -156,25 +160,14 @@ def score_terms(block, mask, input_ids, classes, *, causal: bool) -> Dict[str, j
     return terms
 
 
-def focus_terms(block, mask, *, causal: bool) -> Dict[str, jax.Array]:
-    """Entropy, normalized entropy, top-2 mass and argmax per query (L, H, T), plus row checks."""
-    visible = _visible(mask, causal)  # (T, T)
-    n_visible = visible.sum(-1).astype(jnp.float32)  # (T,)
+def top_two(block: jax.Array) -> tuple:
+    """Largest weight, sum of the two largest, and argmax (first maximum) per row, (L, H, T) each."""
     seq = block.shape[-1]
     key = jnp.arange(seq, dtype=jnp.int32)[None, None, None, :]  # (1, 1, 1, Tk)
     largest = block.max(-1, keepdims=True)  # (L, H, T, 1)
     argmax = jnp.where(block == largest, key, seq).min(-1)  # (L, H, T) first maximum on ties
     second = jnp.where(key == argmax[..., None], -1.0, block).max(-1)  # (L, H, T)
-    row_entropy = entropy(block)  # (L, H, T)
-    terms = row_checks(block, mask, causal)
-    terms.update({
-        "entropy": row_entropy,
-        "normalized_entropy": row_entropy / jnp.log(jnp.maximum(n_visible, 2.0))[None, None, :],
-        "max_weight": largest[..., 0],
-        "top2": largest[..., 0] + jnp.maximum(second, 0.0),
-        "argmax": argmax,
-    })
-    return terms
+    return largest[..., 0], largest[..., 0] + jnp.maximum(second, 0.0), argmax
 
 
 @functools.partial(jax.jit, static_argnames=("causal",))
@@ -182,13 +175,6 @@ def attention_score_terms(attention, mask, input_ids, classes, *, causal: bool) 
     """score_terms for every sequence: (L, B, H, T) arrays, ``lowest`` (B,)."""
     body = functools.partial(score_terms, causal=causal)
     return map_sequences(body, attention, mask.astype(bool), input_ids, classes)
-
-
-@functools.partial(jax.jit, static_argnames=("causal",))
-def attention_focus_terms(attention, mask, *, causal: bool) -> Dict[str, jax.Array]:
-    """focus_terms for every sequence: (L, B, H, T) arrays, ``lowest`` (B,)."""
-    body = functools.partial(focus_terms, causal=causal)
-    return map_sequences(body, attention, mask.astype(bool))
 
 
 @functools.partial(jax.jit, static_argnames=("causal",))
@@ -209,3 +195,61 @@ def attention_head_means(attention, mask, *, causal: bool) -> Dict[str, jax.Arra
     """Heads-averaged maps ``head_mean`` (L, B, T, T) and row checks, in one pass."""
     body = functools.partial(_head_mean_and_checks, causal=causal)
     return map_sequences(body, attention, mask.astype(bool))
+
+
+# Defaults of the per-query parameters of the anomaly scores (attnjax.analysis.anomalies).
+CONCENTRATED_MASS = 0.9  # top-2 mass that makes a query concentrated
+DECISIVE = 0.5           # max weight that makes a query's argmax count for jumping
+LOCAL_WINDOW = 2         # |argmax - query| <= this is a local (positional) argmax
+
+
+@functools.partial(jax.jit, static_argnames=("local_window",))
+def anomaly_sums(max_weight, top2, argmax, mask, input_ids, special, *, local_window, concentrated_mass, decisive):
+    """Sums over queries of the per-head anomaly scores (definitions: anomalies.py).
+
+    max_weight, top2 (L, B, H, T) float32; argmax (L, B, H, T) int32; mask, input_ids
+    (B, T); special (B, T) bool: [CLS]/[SEP] keys. Returns (L, H) sums ``jump``,
+    ``concentrated`` (and its split ``on_first`` / ``on_special`` by where the argmax
+    lands), and the scalar counts ``pairs`` and ``queries``.
+    """
+    mask = mask.astype(bool)
+    seq = mask.shape[1]
+    n_tokens = mask.sum(-1).astype(jnp.float32)  # (B,)
+    position = jnp.arange(seq)
+    duplicate, induction = earlier_matches(input_ids, mask)  # (B, T, T)
+    content = duplicate | induction  # (B, T, T)
+    sequence = jnp.arange(mask.shape[0])[None, :, None, None]  # (1, B, 1, 1)
+
+    # explained[l, b, h, i]: query i's argmax is local, a sink, or content-following
+    local = jnp.abs(argmax - position[None, None, None, :]) <= local_window  # (L, B, H, T)
+    first = argmax == 0  # (L, B, H, T)
+    on_special = special[sequence, argmax] & ~first  # (L, B, H, T)
+    follows = content[sequence, position[None, None, None, :], argmax]  # (L, B, H, T)
+    explained = local | first | on_special | follows  # (L, B, H, T)
+    step = jnp.abs(argmax[..., 1:] - argmax[..., :-1]).astype(jnp.float32)  # (L, B, H, T-1)
+    both = explained[..., 1:] & explained[..., :-1]  # (L, B, H, T-1)
+    focused = max_weight >= decisive  # (L, B, H, T) the argmax means something
+    counted = focused[..., 1:] & focused[..., :-1] & ~both  # (L, B, H, T-1)
+    pair = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)  # (B, T-1)
+    jump = jnp.where(counted, step, 0.0) / jnp.maximum(n_tokens, 1.0)[None, :, None, None]  # (L, B, H, T-1)
+
+    # the head's favourite key in each sequence: the argmax of most of its queries
+    counts = jnp.zeros(argmax.shape, jnp.float32).at[  # (L, B, H, T) queries whose argmax is each key
+        jnp.arange(argmax.shape[0])[:, None, None, None], sequence,
+        jnp.arange(argmax.shape[2])[None, None, :, None], argmax,
+    ].add(jnp.broadcast_to(mask[None, :, None, :], argmax.shape).astype(jnp.float32))
+    modal = jnp.argmax(counts, axis=-1)[..., None]  # (L, B, H, 1)
+    concentrated = (top2 >= concentrated_mass) & (first | on_special | (argmax == modal))  # (L, B, H, T)
+    query = mask.astype(jnp.float32)  # (B, T)
+
+    def per_head(selected):  # (L, B, H, T) bool -> (L, H)
+        return jnp.einsum("LBHQ,BQ->LH", selected.astype(jnp.float32), query)
+
+    return {
+        "jump": jnp.einsum("LBHQ,BQ->LH", jump, pair),
+        "pairs": pair.sum(),
+        "concentrated": per_head(concentrated),
+        "on_first": per_head(concentrated & first),
+        "on_special": per_head(concentrated & on_special),
+        "queries": query.sum(),
+    }

@@ -56,16 +56,24 @@ from attnjax.analysis._common import (
     has_attention,
     layer_ids,
     token_classes,
+    token_strings,
     validate_attention,
     visible_keys,
 )
-from attnjax.analysis._terms import attention_score_terms
+from attnjax.analysis._terms import (
+    CONCENTRATED_MASS,
+    DECISIVE,
+    LOCAL_WINDOW,
+    anomaly_sums,
+    attention_score_terms,
+)
 from attnjax.trace import Trace
 
 # Score columns of head_scores, in order (after `layer`, `head`, `n_queries`).
 SCORE_COLUMNS: Tuple[str, ...] = (
     "entropy", "normalized_entropy", "max_weight", "self", "previous_token", "next_token",
     "first_token", "cls", "sep", "punctuation", "mean_distance", "induction", "duplicate",
+    "concentrated", "jump",
 )
 # Columns the streaming statistics cannot give (NaN for stats-only Traces).
 NEEDS_MAPS: Tuple[str, ...] = ("next_token", "induction", "duplicate")
@@ -75,7 +83,7 @@ _ELIGIBLE = {
     "entropy": "query", "normalized_entropy": "spread", "max_weight": "query", "self": "query",
     "previous_token": "previous", "next_token": "next", "first_token": "query", "cls": "query",
     "sep": "query", "punctuation": "query", "mean_distance": "query", "induction": "repeat",
-    "duplicate": "repeat",
+    "duplicate": "repeat", "concentrated": "query", "jump": "pairs",
 }
 _CLASS_COLUMNS = ("cls", "sep", "punctuation")
 
@@ -86,6 +94,9 @@ def head_scores(
     cls_tokens: Sequence[str] = CLS_TOKENS,
     sep_tokens: Sequence[str] = SEP_TOKENS,
     punctuation: Sequence[str] = PUNCTUATION_TOKENS,
+    concentrated_mass: float = CONCENTRATED_MASS,
+    decisive: float = DECISIVE,
+    local_window: int = LOCAL_WINDOW,
 ) -> pd.DataFrame:
     """One row per (layer, head) of attention scores averaged over queries.
 
@@ -97,19 +108,30 @@ def head_scores(
       averaged over), then the floats of SCORE_COLUMNS defined in the module docstring:
       entropy, normalized_entropy, max_weight, self, previous_token, next_token,
       first_token, cls, sep, punctuation, mean_distance, induction, duplicate;
-      then source (str: "attention" or "stats", what the row was computed from).
+      concentrated and jump (float: the per-head anomaly scores of
+      attnjax.analysis.anomalies, with the parameters concentrated_mass, decisive and
+      local_window), concentrated_on (str: where the concentrated queries' argmax
+      mostly lands: "position 0" (with its token when every sequence has the same
+      one there, e.g. "position 0 '[CLS]'"), "[CLS]/[SEP]", "a fixed key", or "" when
+      no query is concentrated); then source (str: "attention" or "stats", what the
+      row was computed from). The parameters are kept in ``frame.attrs["anomaly_parameters"]``.
 
     Raises ValueError for an empty batch, or attention rows that are not distributions
     over the visible keys.
     """
     traces = as_traces(trace)
+    parameters = {"concentrated_mass": float(concentrated_mass), "decisive": float(decisive),
+                  "local_window": int(local_window)}
     sums: Optional[Dict[str, np.ndarray]] = None
     counts: Optional[Dict[str, np.ndarray]] = None
     present = np.zeros(3, bool)
+    first_tokens = set()
     for item in traces:
         classes, item_present = token_classes(item, cls_tokens, sep_tokens, punctuation)
         present |= item_present
-        item_sums, item_counts = score_sums(item, classes)
+        tokens = token_strings(item)
+        first_tokens |= {None} if tokens is None else set(tokens[:, 0].tolist())
+        item_sums, item_counts = score_sums(item, classes, parameters)
         if sums is None:
             sums, counts = item_sums, item_counts
         else:
@@ -128,7 +150,15 @@ def head_scores(
     for channel, name in enumerate(_CLASS_COLUMNS):
         if not present[channel]:
             means[name] = np.full_like(means[name], np.nan)
-    return _frame(layer_ids(first), counts["query"], means, source)
+    first_label = "position 0"
+    if len(first_tokens) == 1 and None not in first_tokens:
+        first_label += f" {next(iter(first_tokens))!r}"
+    targets = np.stack([sums["on_first"], sums["on_special"], sums["concentrated"] - sums["on_first"] - sums["on_special"]])
+    labels = np.array([first_label, "[CLS]/[SEP]", "a fixed key"], dtype=object)[targets.argmax(0)]  # (L, H)
+    means["concentrated_on"] = np.where(sums["concentrated"] > 0, labels, "")
+    frame = _frame(layer_ids(first), counts["query"], means, source)
+    frame.attrs["anomaly_parameters"] = parameters
+    return frame
 
 
 def _frame(layers, n_queries, means, source) -> pd.DataFrame:
@@ -139,6 +169,7 @@ def _frame(layers, n_queries, means, source) -> pd.DataFrame:
                "n_queries": np.full(num_layers * num_heads, int(n_queries), np.int64)}
     for name in SCORE_COLUMNS:
         columns[name] = means[name].reshape(-1).astype(np.float64)
+    columns["concentrated_on"] = means["concentrated_on"].reshape(-1).astype(object)
     columns["source"] = source
     return pd.DataFrame(columns)
 
@@ -156,6 +187,7 @@ def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool) -> Dict[s
         "previous": mask & before,
         "next": mask & after,
         "repeat": mask & duplicate.any(-1),
+        "pairs": mask & after,  # adjacent query pairs (i, i + 1), both non-padding
     }
     return {name: value.astype(jnp.float32) for name, value in weights.items()}
 
@@ -208,13 +240,21 @@ def _weighted_sums(terms: Dict[str, jax.Array], weights: Dict[str, jax.Array]) -
     return out
 
 
-def score_sums(trace: Trace, classes: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+def score_sums(trace: Trace, classes: np.ndarray, parameters: dict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """Sums over eligible queries (L, H) of every available score, and the query counts."""
     terms = trace_terms(trace, classes)
     weights = query_weights(trace.mask, trace.input_ids, trace.causal)
     per_query = {name: terms[name] for name in SCORE_COLUMNS if name in terms}
-    sums = jax.device_get(_weighted_sums(per_query, weights))
+    special = jnp.asarray(classes[..., 0] + classes[..., 1] > 0)  # (B, T)
+    anomalies = anomaly_sums(
+        terms["max_weight"], terms["top2"], terms["argmax"], trace.mask, trace.input_ids, special,
+        local_window=parameters["local_window"], concentrated_mass=parameters["concentrated_mass"],
+        decisive=parameters["decisive"],
+    )
+    sums, anomalies = jax.device_get((_weighted_sums(per_query, weights), anomalies))
     sums = {name: np.asarray(value, np.float64) for name, value in sums.items()}
+    for name in ("jump", "concentrated", "on_first", "on_special"):
+        sums[name] = np.asarray(anomalies[name], np.float64)
     if not has_attention(trace):
         for name in _CLASS_COLUMNS:
             sums[name] = np.asarray(jax.device_get(terms[f"{name}_total"].sum(1)), np.float64)  # (L, H)

@@ -1,12 +1,14 @@
 """XLA blockwise attention with online softmax and streaming statistics (any backend).
 
-The forward pass walks query blocks (``lax.map``) and, inside each, key blocks
-(``lax.fori_loop``), keeping the FlashAttention running max ``m``, normaliser ``l`` and
-output accumulator per query (Dao et al. 2022; Milakov & Gimelshein 2018). Memory is
-O(T): one (block_heads, block_q, block_k) tile of scores at a time, never the T x T
-matrix; (batch, head) pairs are walked ``block_heads`` at a time (one by default,
-which keeps a tile in cache on CPU). Under ``causal`` the key loop stops at the
-diagonal.
+(batch, head) pairs are walked ``block_heads`` at a time (``lax.scan``; one by
+default, which keeps a tile in cache on CPU): each step slices its heads out of the
+(B, T, N, H) inputs and writes its output rows back in place, so no transposed copy
+of q, k, v is made. Within a group the forward pass walks query blocks
+(``lax.map``) and, inside each, key blocks (``lax.fori_loop``), keeping the
+FlashAttention running max ``m``, normaliser ``l`` and output accumulator per query
+(Dao et al. 2022; Milakov & Gimelshein 2018). Memory is O(T): one
+(block_heads, block_q, block_k) tile of scores at a time, never the T x T matrix.
+Under ``causal`` the key loop stops at the diagonal.
 
 Row statistics ride along in the same loop, rescaled exactly like ``l``:
 
@@ -23,16 +25,17 @@ Row statistics ride along in the same loop, rescaled exactly like ``l``:
 - mean_distance: ``sum_k exp(s_k - m) |i - k|``, rescaled by ``c``, divided by ``l``.
 
 ``first_mass``, ``self_mass`` and ``prev_mass`` are single entries of each row:
-they are read after the pass as ``exp(s_ij - lse_i)`` from one q.k product per
-query (O(T H), ``diagonal_masses``). ``received`` and ``pooled`` need the finished
-LSE, so a second pass walks key blocks and recomputes ``p = exp(s - lse)`` tile by
-tile (``_column_pass``).
+they are read at the end of a group's pass as ``exp(s_ij - lse_i)`` from one q.k
+product per query (O(T H), ``diagonal_masses``). ``received`` and ``pooled`` need
+the finished LSE, so a second pass walks key blocks and recomputes
+``p = exp(s - lse)`` tile by tile (``_column_group``); the pooled map is reduced to
+its P x P sums inside the group, so no (P, T) array outlives a step.
 
 Gradients come from a ``jax.custom_vjp`` with the FlashAttention-2 backward
 (recompute p from the saved LSE; ``dS = P * (dP - rowsum(dO * O))``), also O(T)
 memory. The statistics carry no gradient (they pass through ``lax.stop_gradient``).
 
-The helpers at the bottom (layout, row validity, diagonal masses, pooled maps,
+The helpers at the bottom (padding, row validity, diagonal masses, pooled maps,
 assembling ``AttentionStats``) are shared with the Pallas path.
 """
 
@@ -45,6 +48,7 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attnjax.kernels.reference import (
@@ -61,17 +65,20 @@ _NO_INDEX = jnp.iinfo(jnp.int32).max
 # Initial running max: finite, and far above MASK_VALUE, so exp(MASK_VALUE - m) is
 # exactly 0 even for a row that has seen no visible key yet (no second mask needed).
 M_INIT = 0.5 * MASK_VALUE
+# int32 zero for dynamic-slice origins (a Python 0 becomes int64 under jax_enable_x64).
+_I0 = np.int32(0)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes of the XLA blockwise kernel.
 
-    block_q x block_k scores per step, for block_heads (batch, head) pairs at once.
-    Each step holds a few (block_heads, block_q, block_k) tiles in the accumulation
-    dtype. On CPU one head at a time with 512 x 512 tiles (1 MiB) keeps the
-    elementwise work in cache and was fastest on a 2-core machine
-    (benchmarks/long_context.py); on an accelerator raise block_heads.
+    block_q x block_k scores per step, for block_heads heads of one batch element at
+    once (rounded down to a divisor of the head count). Each step holds a few
+    (block_heads, block_q, block_k) tiles in the accumulation dtype. On CPU one head
+    at a time with 512 x 512 tiles (1 MiB) keeps the elementwise work in cache and
+    was fastest on a 2-core machine (benchmarks/long_context.py); on an accelerator
+    raise block_heads.
     """
 
     block_q: int = 512
@@ -93,9 +100,10 @@ class _Config:
     causal: bool
     block_q: int
     block_k: int
-    block_heads: int
-    length: int      # real sequence length T (arrays are padded to a multiple of both blocks)
-    stats: bool      # also compute the row statistics in the forward loop
+    block_heads: int  # divides the head count
+    length: int       # real sequence length T
+    padded: int       # Tp: T rounded up to a multiple of both blocks
+    stats: bool       # also compute the row statistics in the forward loop
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -103,36 +111,57 @@ def round_up(value: int, multiple: int) -> int:
 
 
 def _visible(key_vis, key_pos, query_pos, causal: bool):
-    """(G, bq, bk) or (G, 1, bk) bool: key mask (G, bk) and, under causal, k <= i."""
-    visible = key_vis[:, None, :]  # (G, 1, bk)
+    """(g, bq, bk) or (g, 1, bk) bool: key mask (g, bk) and, under causal, k <= i."""
+    visible = key_vis[:, None, :]  # (g, 1, bk)
     if causal:
         lower = key_pos[None, :] <= query_pos[:, None]  # (bq, bk)
-        visible = visible & lower[None]  # (G, bq, bk)
+        visible = visible & lower[None]  # (g, bq, bk)
     return visible
 
 
-def _map_groups(fn, arrays, block_heads: int):
-    """Apply ``fn`` to chunks of ``block_heads`` rows of every array's leading
-    (batch * heads) axis, sequentially (lax.map); returns fn's outputs re-joined."""
-    groups = arrays[0].shape[0]
-    padded = round_up(groups, block_heads)
+# --------------------------------------------------------------------------- walking groups of heads
 
-    def chunk(x):
-        x = jnp.pad(x, [(0, padded - groups)] + [(0, 0)] * (x.ndim - 1))  # (G', ...)
-        return x.reshape((padded // block_heads, block_heads) + x.shape[1:])  # (S, g, ...)
 
-    outputs = lax.map(lambda chunked: fn(*chunked), tuple(chunk(x) for x in arrays))
-    return jax.tree.map(lambda y: y.reshape((padded,) + y.shape[2:])[:groups], outputs)
+def _group_origin(step, heads: int, block_heads: int):
+    """(batch index, first head) of scan step ``step``: batch-major, then head chunks."""
+    chunks = heads // block_heads
+    return step // chunks, (step % chunks) * block_heads
+
+
+def _take_group(x, b, n0, block_heads: int, padded: int):
+    """(B, T, N, H) -> (g, Tp, H): heads n0 .. n0 + g of batch b, zero-padded."""
+    _, length, _, head_dim = x.shape
+    block = lax.dynamic_slice(x, (b, _I0, n0, _I0), (1, length, block_heads, head_dim))[0]  # (T, g, H)
+    block = jnp.swapaxes(block, 0, 1)  # (g, T, H)
+    return jnp.pad(block, ((0, 0), (0, padded - length), (0, 0)))  # (g, Tp, H)
+
+
+def _put_group(buffer, value, b, n0):
+    """Write a group's (g, Tp, H) rows into the (B, T, N, H) buffer at (b, n0)."""
+    length = buffer.shape[1]
+    value = jnp.swapaxes(value[:, :length], 0, 1)[None]  # (1, T, g, H)
+    return lax.dynamic_update_slice(buffer, value.astype(buffer.dtype), (b, _I0, n0, _I0))  # (B, T, N, H)
+
+
+def _take_rows(x, b, n0, block_heads: int):
+    """(B, N, Tp) -> (g, Tp) rows of heads n0 .. n0 + g of batch b."""
+    return lax.dynamic_slice(x, (b, n0, _I0), (1, block_heads, x.shape[2]))[0]  # (g, Tp)
+
+
+def _stack_rows(rows, batch: int, heads: int):
+    """Scan outputs (S, g, ...) -> (B, N, ...) (steps are batch-major, then head chunks)."""
+    return rows.reshape((batch, heads) + rows.shape[2:])
 
 
 # --------------------------------------------------------------------------- forward
 
 
-def _forward_group(q, k, v, key_mask, cfg: _Config):
-    """Online-softmax forward for g (batch, head) pairs. q, k, v: (g, Tp, H); key_mask: (g, Tp).
+def _forward_group(q, k, v, key_vis, cfg: _Config):
+    """Online-softmax forward for g heads. q, k, v: (g, Tp, H); key_vis: (g, Tp) bool.
 
-    Returns out (g, Tp, H) in q's dtype and a tuple of per-query rows (g, Tp):
-    (lse,) or, with ``cfg.stats``, (lse, entropy, max_prob, argmax, mean_distance).
+    Returns out (g, Tp, H) in q's dtype and per-query rows (g, Tp): (lse,) or, with
+    ``cfg.stats``, (lse, entropy, max_prob, argmax, mean_distance, first_mass,
+    self_mass, prev_mass).
     """
     groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
@@ -148,9 +177,9 @@ def _forward_group(q, k, v, key_mask, cfg: _Config):
             m, l, o, entropy_sum, distance_sum, argmax = carry
             k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1).astype(acc)  # (g, bk, H)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1).astype(acc)  # (g, bk, H)
-            key_vis = lax.dynamic_slice_in_dim(key_mask, j * bk, bk, axis=1)  # (g, bk)
+            key_blk = lax.dynamic_slice_in_dim(key_vis, j * bk, bk, axis=1)  # (g, bk)
             key_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
-            visible = _visible(key_vis, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
+            visible = _visible(key_blk, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
             s = jnp.einsum("GQH,GKH->GQK", q_blk, k_blk, precision=precision) * cfg.scale  # (g, bq, bk)
             s = jnp.where(visible, s, MASK_VALUE)  # (g, bq, bk)
             m_blk = jnp.max(s, axis=-1)  # (g, bq)
@@ -192,6 +221,9 @@ def _forward_group(q, k, v, key_mask, cfg: _Config):
     # out (nq, g, bq, H), each row (nq, g, bq)
     out = jnp.moveaxis(out, 0, 1).reshape(groups, padded, head_dim)  # (g, Tp, H)
     rows = tuple(jnp.moveaxis(r, 0, 1).reshape(groups, padded) for r in rows)  # (g, Tp) each
+    if cfg.stats:
+        lse, max_prob = rows[0], rows[2]
+        rows = rows + diagonal_masses(q, k, lse, key_vis, max_prob > 0, cfg.scale)  # + 3 x (g, Tp)
     return out, rows
 
 
@@ -210,11 +242,28 @@ def _finish_rows(m, l, o, entropy_sum, distance_sum, argmax, out_dtype, with_sta
     return out, (lse, entropy, max_prob, argmax, mean_distance)
 
 
+def _forward(q, k, v, key_mask, cfg: _Config):
+    """q, k, v: (B, T, N, H); key_mask: (B, Tp). -> out (B, T, N, H), rows (B, N, Tp) each."""
+    batch, _, heads, _ = q.shape
+    g = cfg.block_heads
+
+    def step(out, index):
+        b, n0 = _group_origin(index, heads, g)
+        q_g, k_g, v_g = (_take_group(x, b, n0, g, cfg.padded) for x in (q, k, v))  # (g, Tp, H) each
+        key_vis = jnp.broadcast_to(key_mask[b], (g, cfg.padded))  # (g, Tp)
+        out_g, rows = _forward_group(q_g, k_g, v_g, key_vis, cfg)
+        return _put_group(out, out_g, b, n0), rows
+
+    steps = jnp.arange(batch * (heads // g), dtype=jnp.int32)
+    out, rows = lax.scan(step, jnp.zeros_like(q), steps)  # rows (S, g, Tp) each
+    return out, tuple(_stack_rows(r, batch, heads) for r in rows)  # (B, N, Tp) each
+
+
 # --------------------------------------------------------------------------- backward
 
 
-def _backward_group(q, k, v, key_mask, out, lse, d_out, cfg: _Config):
-    """FlashAttention-2 gradients in XLA loops for g (batch, head) pairs; arrays (g, Tp, ...)."""
+def _backward_group(q, k, v, key_vis, out, lse, d_out, cfg: _Config):
+    """FlashAttention-2 gradients in XLA loops for g heads; arrays (g, Tp, ...)."""
     groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
@@ -225,7 +274,7 @@ def _backward_group(q, k, v, key_mask, out, lse, d_out, cfg: _Config):
     def key_block(dq, jk):
         k_blk = lax.dynamic_slice_in_dim(k, jk * bk, bk, axis=1).astype(acc)  # (g, bk, H)
         v_blk = lax.dynamic_slice_in_dim(v, jk * bk, bk, axis=1).astype(acc)  # (g, bk, H)
-        key_vis = lax.dynamic_slice_in_dim(key_mask, jk * bk, bk, axis=1)  # (g, bk)
+        key_blk = lax.dynamic_slice_in_dim(key_vis, jk * bk, bk, axis=1)  # (g, bk)
         key_pos = jk * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
 
         def step(i, carry):
@@ -235,7 +284,7 @@ def _backward_group(q, k, v, key_mask, out, lse, d_out, cfg: _Config):
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)  # (g, bq)
             delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)  # (g, bq)
             query_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
-            visible = _visible(key_vis, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
+            visible = _visible(key_blk, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
             s = jnp.einsum("GQH,GKH->GQK", q_blk, k_blk, precision=precision) * cfg.scale  # (g, bq, bk)
             p = jnp.exp(jnp.where(visible, s - lse_blk[..., None], MASK_VALUE))  # (g, bq, bk)
             dv = dv + jnp.einsum("GQK,GQH->GKH", p, do_blk, precision=precision)  # (g, bk, H)
@@ -257,27 +306,41 @@ def _backward_group(q, k, v, key_mask, out, lse, d_out, cfg: _Config):
     # dk, dv: (nk, g, bk, H)
     dk = jnp.moveaxis(dk, 0, 1).reshape(groups, padded, head_dim)  # (g, Tp, H)
     dv = jnp.moveaxis(dv, 0, 1).reshape(groups, padded, head_dim)  # (g, Tp, H)
-    dq = dq * cfg.scale  # (g, Tp, H)
-    dk = dk * cfg.scale  # (g, Tp, H)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq * cfg.scale, dk * cfg.scale, dv
+
+
+def _backward(q, k, v, key_mask, out, lse, d_out, cfg: _Config):
+    """dq, dk, dv (B, T, N, H) from the saved output and LSE (B, N, Tp)."""
+    batch, _, heads, _ = q.shape
+    g = cfg.block_heads
+
+    def step(grads, index):
+        b, n0 = _group_origin(index, heads, g)
+        groups = [_take_group(x, b, n0, g, cfg.padded) for x in (q, k, v, out, d_out)]  # (g, Tp, H) each
+        key_vis = jnp.broadcast_to(key_mask[b], (g, cfg.padded))  # (g, Tp)
+        q_g, k_g, v_g, out_g, d_out_g = groups
+        grads_g = _backward_group(q_g, k_g, v_g, key_vis, out_g, _take_rows(lse, b, n0, g), d_out_g, cfg)
+        return tuple(_put_group(buffer, grad, b, n0) for buffer, grad in zip(grads, grads_g)), None
+
+    steps = jnp.arange(batch * (heads // g), dtype=jnp.int32)
+    grads, _ = lax.scan(step, (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)), steps)
+    return grads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, key_mask, cfg: _Config):
-    """q, k, v: (G, Tp, H) for G = batch * heads; key_mask (G, Tp). -> out, rows (G, Tp)."""
-    return _map_groups(functools.partial(_forward_group, cfg=cfg), (q, k, v, key_mask), cfg.block_heads)
+    return _forward(q, k, v, key_mask, cfg)
 
 
 def _flash_fwd(q, k, v, key_mask, cfg: _Config):
-    out, rows = _flash(q, k, v, key_mask, cfg)
+    out, rows = _forward(q, k, v, key_mask, cfg)
     return (out, rows), (q, k, v, key_mask, out, rows[0])
 
 
 def _flash_bwd(cfg: _Config, residuals, cotangents):
     q, k, v, key_mask, out, lse = residuals
     d_out, _ = cotangents  # the rows are statistics: no gradient flows through them
-    dq, dk, dv = _map_groups(functools.partial(_backward_group, cfg=cfg),
-                             (q, k, v, key_mask, out, lse, d_out), cfg.block_heads)
+    dq, dk, dv = _backward(q, k, v, key_mask, out, lse, d_out, cfg)
     return dq, dk, dv, None
 
 
@@ -287,13 +350,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # --------------------------------------------------------------------------- second pass
 
 
-def _column_group(q, k, key_mask, query_weight, lse, cfg: _Config, pool: Optional[int]):
-    """Column sums of p = exp(s - lse) by key block, recomputed tile by tile.
+def _column_group(q, k, key_vis, query_weight, lse, cfg: _Config, pool: Optional[int]):
+    """Column sums of p = exp(s - lse) for g heads, recomputed tile by tile.
 
-    q, k: (g, Tp, H); key_mask: (g, Tp) bool; query_weight: (g, Tp) (1 at queries
-    counted in ``received``); lse: (g, Tp). Returns received (g, Tp) and, with
-    ``pool``, the per-key row-bin sums (g, P, Tp): entry (a, k) is the sum of p_ik
-    over queries i in pooled bin a (else a dummy zero per group).
+    q, k: (g, Tp, H); key_vis: (g, Tp) bool; query_weight: (Tp,) (1 at queries counted
+    in ``received``); lse: (g, Tp). Returns received (g, Tp) and, with ``pool``, the
+    pooled sums (g, P, P): cell (a, c) sums p_ik over queries i in bin a and keys k in
+    bin c (else a placeholder (g,)).
 
     A query block of bq rows meets at most ``local_bins = (bq - 1) P // T + 2`` bins
     (bins are contiguous runs of T / P positions), so each tile is reduced with a
@@ -307,21 +370,21 @@ def _column_group(q, k, key_mask, query_weight, lse, cfg: _Config, pool: Optiona
     num_query_blocks = -(-length // bq)
     local_bins = 0 if pool is None else min(pool, (bq - 1) * pool // length + 2)
 
-    def key_block(jk):
+    def key_block(pooled, jk):
         k_blk = lax.dynamic_slice_in_dim(k, jk * bk, bk, axis=1).astype(acc)  # (g, bk, H)
-        key_vis = lax.dynamic_slice_in_dim(key_mask, jk * bk, bk, axis=1)  # (g, bk)
+        key_blk = lax.dynamic_slice_in_dim(key_vis, jk * bk, bk, axis=1)  # (g, bk)
         key_pos = jk * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
 
         def step(i, carry):
             received, bin_sums = carry
             q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).astype(acc)  # (g, bq, H)
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)  # (g, bq)
-            weight_blk = lax.dynamic_slice_in_dim(query_weight, i * bq, bq, axis=1)  # (g, bq)
+            weight_blk = lax.dynamic_slice_in_dim(query_weight, i * bq, bq, axis=0)  # (bq,)
             query_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
-            visible = _visible(key_vis, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
+            visible = _visible(key_blk, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
             s = jnp.einsum("GQH,GKH->GQK", q_blk, k_blk, precision=precision) * cfg.scale  # (g, bq, bk)
             p = jnp.exp(jnp.where(visible, s - lse_blk[..., None], MASK_VALUE))  # (g, bq, bk)
-            received = received + jnp.einsum("GQK,GQ->GK", p, weight_blk, precision=precision)  # (g, bk)
+            received = received + jnp.einsum("GQK,Q->GK", p, weight_blk, precision=precision)  # (g, bk)
             if pool is not None:
                 bins = jnp.where(query_pos < length, query_pos * pool // length, -1)  # (bq,)
                 first = jnp.clip(i * bq * pool // length, 0, pool - local_bins)  # first bin this block can meet
@@ -332,20 +395,35 @@ def _column_group(q, k, key_mask, query_weight, lse, cfg: _Config, pool: Optiona
             return received, bin_sums
 
         received0 = jnp.zeros((groups, bk), acc)  # (g, bk)
-        if pool is None:
-            bin_sums0 = jnp.zeros((groups,), acc)  # unused placeholder
-        else:
-            bin_sums0 = jnp.zeros((groups, pool, bk), acc)  # (g, P, bk)
+        bin_sums0 = jnp.zeros((groups, pool, bk) if pool else (groups,), acc)  # (g, P, bk)
         lower_block = (jk * bk) // bq if cfg.causal else 0
-        return lax.fori_loop(lower_block, num_query_blocks, step, (received0, bin_sums0))
+        received, bin_sums = lax.fori_loop(lower_block, num_query_blocks, step, (received0, bin_sums0))
+        if pool is not None:
+            key_bins = jnp.where(key_pos < length, key_pos * pool // length, -1)  # (bk,)
+            key_one_hot = jax.nn.one_hot(key_bins, pool, dtype=acc)  # (bk, P); padding rows 0
+            pooled = pooled + jnp.einsum("GAK,KC->GAC", bin_sums, key_one_hot, precision=precision)  # (g, P, P)
+        return pooled, received
 
-    received, bin_sums = lax.map(key_block, jnp.arange(padded // bk, dtype=jnp.int32))
+    pooled0 = jnp.zeros((groups, pool, pool) if pool else (groups,), acc)  # (g, P, P)
+    pooled, received = lax.scan(key_block, pooled0, jnp.arange(padded // bk, dtype=jnp.int32))
     received = jnp.moveaxis(received, 0, 1).reshape(groups, padded)  # (g, Tp)
-    if pool is None:
-        return received, bin_sums[0]  # (g,) placeholder
-    # bin_sums (nk, g, P, bk)
-    bin_sums = jnp.moveaxis(bin_sums, 0, 2).reshape(groups, pool, padded)  # (g, P, Tp)
-    return received, bin_sums
+    return received, pooled
+
+
+def _columns(q, k, key_mask, query_weight, lse, cfg: _Config, pool: Optional[int]):
+    """received (B, N, Tp) and pooled sums (B, N, P, P) (or a placeholder) from (B, T, N, H) inputs."""
+    batch, _, heads, _ = q.shape
+    g = cfg.block_heads
+
+    def step(carry, index):
+        b, n0 = _group_origin(index, heads, g)
+        q_g, k_g = (_take_group(x, b, n0, g, cfg.padded) for x in (q, k))  # (g, Tp, H) each
+        key_vis = jnp.broadcast_to(key_mask[b], (g, cfg.padded))  # (g, Tp)
+        return carry, _column_group(q_g, k_g, key_vis, query_weight[b], _take_rows(lse, b, n0, g), cfg, pool)
+
+    steps = jnp.arange(batch * (heads // g), dtype=jnp.int32)
+    _, (received, pooled) = lax.scan(step, None, steps)  # (S, g, Tp), (S, g, P, P)
+    return _stack_rows(received, batch, heads), _stack_rows(pooled, batch, heads)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -378,36 +456,25 @@ def blockwise_attention(
     block_k = min(sizes.block_k, round_up(length, 8))
     padded = round_up(length, math.lcm(block_q, block_k))
     cfg = _Config(scale=scale, causal=causal, block_q=block_q, block_k=block_k,
-                  block_heads=min(sizes.block_heads, batch * heads), length=length, stats=stats)
-    acc = accumulation_dtype(q.dtype)
+                  block_heads=math.gcd(sizes.block_heads, heads), length=length, padded=padded,
+                  stats=stats)
 
-    def by_group(x):  # (B, N, Tp, ...) -> (B * N, Tp, ...)
-        return x.reshape((batch * heads,) + x.shape[2:])
-
-    def by_head(x):  # (B * N, ...) -> (B, N, ...)
-        return x.reshape((batch, heads) + x.shape[1:])
-
-    qh, kh, vh = (heads_major(x, padded) for x in (q, k, v))  # (B, N, Tp, H) each
     key_mask = padded_key_mask(mask, batch, length, padded)  # (B, Tp)
-    group_mask = by_group(jnp.broadcast_to(key_mask[:, None], (batch, heads, padded)))  # (G, Tp)
-    out, rows = _flash(by_group(qh), by_group(kh), by_group(vh), group_mask, cfg)  # (G, Tp, H), rows (G, Tp)
-    out = jnp.swapaxes(by_head(out), 1, 2)[:, :length]  # (B, T, N, H)
+    out, rows = _flash(q, k, v, key_mask, cfg)  # (B, T, N, H), rows (B, N, Tp) each
     if not stats:
         return out
 
-    qh, kh = lax.stop_gradient(qh), lax.stop_gradient(kh)
-    lse, entropy, max_prob, argmax, mean_distance = (lax.stop_gradient(r) for r in rows)  # (G, Tp) each
-    query_weight = padded_query_weight(mask, batch, length, padded, acc)  # (B, Tp)
-    group_weight = by_group(jnp.broadcast_to(query_weight[:, None], (batch, heads, padded)))  # (G, Tp)
-    received, bin_sums = _map_groups(
-        functools.partial(_column_group, cfg=cfg, pool=pool),
-        (by_group(qh), by_group(kh), group_mask, group_weight, lse), cfg.block_heads,
-    )  # (G, Tp), (G, P, Tp)
-    return out, assemble_stats(
-        qh, kh, mask, causal=causal, scale=scale, length=length, pool=pool,
-        lse=by_head(lse), entropy=by_head(entropy), max_prob=by_head(max_prob),
-        argmax=by_head(argmax), mean_distance=by_head(mean_distance),
-        received=by_head(received), bin_sums=None if pool is None else by_head(bin_sums),
+    rows = tuple(lax.stop_gradient(r)[:, :, :length] for r in rows)  # (B, N, T) each
+    lse, entropy, max_prob, argmax, mean_distance, first_mass, self_mass, prev_mass = rows
+    query_weight = padded_query_weight(mask, batch, length, padded, accumulation_dtype(q.dtype))  # (B, Tp)
+    lse_padded = jnp.pad(lse, ((0, 0), (0, 0), (0, padded - length)))  # (B, N, Tp)
+    received, pooled_sums = _columns(lax.stop_gradient(q), lax.stop_gradient(k), key_mask,
+                                     query_weight, lse_padded, cfg, pool)  # (B, N, Tp), (B, N, P, P)
+    return out, AttentionStats(
+        lse=lse, entropy=entropy, max_prob=max_prob, argmax=argmax.astype(jnp.int32),
+        first_mass=first_mass, self_mass=self_mass, prev_mass=prev_mass,
+        mean_distance=mean_distance, received=received[:, :, :length],
+        pooled=None if pool is None else normalize_pooled(pooled_sums, pool, length),
     )
 
 
@@ -453,54 +520,60 @@ def rows_with_keys(mask: Optional[jax.Array], batch: int, length: int, causal: b
     return jnp.broadcast_to(jnp.any(mask, axis=1, keepdims=True), (batch, length))  # (B, T)
 
 
-def diagonal_masses(qh, kh, lse, mask, *, causal: bool, scale: float, length: int):
-    """first_mass, self_mass, prev_mass (B, N, T), each ``exp(s_ij - lse_i)`` at one key.
+def diagonal_masses(q, k, lse, key_ok, row_valid, scale: float):
+    """first_mass, self_mass, prev_mass (..., T): ``exp(s_ij - lse_i)`` at key 0, i, i - 1.
 
-    qh, kh: (B, N, Tp, H) heads-major (padded); lse: (B, N, Tp). Key 0, key i and key
-    i - 1 are never hidden by causality, so only the key mask and row validity matter.
+    q, k: (..., T, H); lse: (..., T); key_ok (visible keys) and row_valid (queries with
+    any visible key): bool, broadcastable to (..., T) with the same rank. Key 0, key i
+    and key i - 1 are never hidden by causality, so only the key mask and row validity
+    matter; query 0 has no previous key.
     """
-    acc = accumulation_dtype(qh.dtype)
-    batch = qh.shape[0]
-    q = qh[:, :, :length].astype(acc)  # (B, N, T, H)
-    k = kh[:, :, :length].astype(acc)  # (B, N, T, H)
-    lse = lse[:, :, :length]  # (B, N, T)
+    acc = accumulation_dtype(q.dtype)
+    q, k = q.astype(acc), k.astype(acc)  # (..., T, H)
     # Row-wise dot products as einsums (faster than sum(q * k) on XLA:CPU).
     highest = lax.Precision.HIGHEST
-    s_first = jnp.einsum("BNTH,BNH->BNT", q, k[:, :, 0], precision=highest) * scale  # (B, N, T)
-    s_self = jnp.einsum("BNTH,BNTH->BNT", q, k, precision=highest) * scale  # (B, N, T)
-    s_prev = jnp.einsum("BNTH,BNTH->BNT", q[:, :, 1:], k[:, :, :-1], precision=highest) * scale  # (B, N, T - 1)
-    s_prev = jnp.pad(s_prev, ((0, 0), (0, 0), (1, 0)))  # (B, N, T)
-    key_ok = padded_key_mask(mask, batch, length, length)  # (B, T)
-    prev_ok = jnp.pad(key_ok[:, :-1], ((0, 0), (1, 0)))  # (B, T); query 0 has no previous key
-    first_ok = jnp.broadcast_to(key_ok[:, :1], (batch, length))  # (B, T)
-    valid = rows_with_keys(mask, batch, length, causal)  # (B, T)
+    s_first = jnp.einsum("...TH,...H->...T", q, k[..., 0, :], precision=highest) * scale  # (..., T)
+    s_self = jnp.einsum("...TH,...TH->...T", q, k, precision=highest) * scale  # (..., T)
+    s_prev = jnp.einsum("...TH,...TH->...T", q[..., 1:, :], k[..., :-1, :], precision=highest) * scale  # (..., T - 1)
+    shift = [(0, 0)] * (s_prev.ndim - 1) + [(1, 0)]
+    s_prev = jnp.pad(s_prev, shift)  # (..., T)
+    first_ok = jnp.broadcast_to(key_ok[..., :1], key_ok.shape)  # (..., T)
+    prev_ok = jnp.pad(key_ok[..., :-1], shift)  # (..., T)
 
     def mass(score, ok):
-        ok = (ok & valid)[:, None, :]  # (B, 1, T)
-        return jnp.exp(jnp.where(ok, score - lse, MASK_VALUE))  # (B, N, T); exactly 0 where not ok
+        return jnp.exp(jnp.where(ok & row_valid, score - lse, MASK_VALUE))  # (..., T); 0 where not ok
 
     return mass(s_first, first_ok), mass(s_self, key_ok), mass(s_prev, prev_ok)
 
 
-def finish_pooled(bin_sums: jax.Array, pool: int, length: int) -> jax.Array:
-    """(B, N, P, P) block means from per-key row-bin sums (B, N, P', Tp), P' >= P."""
-    acc = bin_sums.dtype
-    key_bins = jax.nn.one_hot(pool_bins(length, pool), pool, dtype=acc)  # (T, P)
-    sums = jnp.einsum("BNAS,SC->BNAC", bin_sums[:, :, :pool, :length], key_bins,
-                      precision=lax.Precision.HIGHEST)  # (B, N, P, P)
-    counts = jnp.sum(key_bins, axis=0)  # (P,); queries and keys share the bins
+def normalize_pooled(sums: jax.Array, pool: int, length: int) -> jax.Array:
+    """(B, N, P, P) block means from block sums: divide by the number of (query, key)
+    pairs in each bin pair; empty bins (P > T) give 0."""
+    counts = jnp.sum(jax.nn.one_hot(pool_bins(length, pool), pool, dtype=sums.dtype), axis=0)  # (P,)
     cells = (counts[:, None] * counts[None, :])[None, None]  # (1, 1, P, P)
     return jnp.where(cells > 0, sums / jnp.maximum(cells, 1.0), 0.0)  # (B, N, P, P)
+
+
+def finish_pooled(bin_sums: jax.Array, pool: int, length: int) -> jax.Array:
+    """(B, N, P, P) block means from per-key row-bin sums (B, N, P', Tp), P' >= P."""
+    key_bins = jax.nn.one_hot(pool_bins(length, pool), pool, dtype=bin_sums.dtype)  # (T, P)
+    sums = jnp.einsum("BNAS,SC->BNAC", bin_sums[:, :, :pool, :length], key_bins,
+                      precision=lax.Precision.HIGHEST)  # (B, N, P, P)
+    return normalize_pooled(sums, pool, length)
 
 
 def assemble_stats(qh, kh, mask, *, causal, scale, length, pool, lse, entropy, max_prob,
                    argmax, mean_distance, received, bin_sums) -> AttentionStats:
     """AttentionStats from a kernel's padded rows (B, N, Tp) and column sums.
 
-    Computes the diagonal masses and the pooled map; slices the padding off.
+    qh, kh: (B, N, Tp, H) heads-major inputs. Computes the diagonal masses and the
+    pooled map; slices the padding off.
     """
+    batch = qh.shape[0]
+    key_ok = padded_key_mask(mask, batch, length, length)[:, None, :]  # (B, 1, T)
+    row_valid = rows_with_keys(mask, batch, length, causal)[:, None, :]  # (B, 1, T)
     first_mass, self_mass, prev_mass = diagonal_masses(
-        qh, kh, lse, mask, causal=causal, scale=scale, length=length)  # (B, N, T) each
+        qh[:, :, :length], kh[:, :, :length], lse[:, :, :length], key_ok, row_valid, scale)  # (B, N, T) each
     pooled = None if pool is None else finish_pooled(bin_sums, pool, length)  # (B, N, P, P)
     return AttentionStats(
         lse=lse[:, :, :length],

@@ -22,6 +22,7 @@ from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
 from attnjax.viz.html import save_html, save_image, to_html
 from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
 from attnjax.viz.next_token import next_token_explorer
+from attnjax.viz.report import Report, build_report
 
 __all__ = [
     "HEATMAP_MAX_TOKENS", "OVERVIEW_MAX_WEIGHTS", "Report", "anomaly_chart", "attention_frame",
@@ -30,11 +31,3 @@ __all__ = [
     "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
 ]
 
-
-def __getattr__(name):
-    # The report pulls in the models and analyses; import it only when asked for.
-    if name in ("Report", "build_report"):
-        from attnjax.viz import report
-
-        return getattr(report, name)
-    raise AttributeError(f"module 'attnjax.viz' has no attribute {name!r}")

@@ -18,6 +18,24 @@ SIGNIFICANT_DIGITS = 4    # digits kept for floats written into a spec
 CANVAS_ABOVE_MARKS = 4096  # charts with more marks than this render on a canvas
 
 
+# Characters XML (so SVG) cannot hold, or that draw as nothing, shown visibly instead:
+# C0 controls as Unicode control pictures (U+2400 + code; newline as a return arrow),
+# DEL as U+2421, C1 controls as \\x escapes, lone surrogates and U+FFFE/U+FFFF as U+FFFD.
+_VISIBLE = {code: chr(0x2400 + code) for code in range(0x20)}
+_VISIBLE.update({0x0A: "\u21b5", 0x7F: "\u2421", 0xFFFE: "\ufffd", 0xFFFF: "\ufffd"})
+_VISIBLE.update({code: f"\\x{code:02x}" for code in range(0x80, 0xA0)})
+_VISIBLE.update({code: "\ufffd" for code in range(0xD800, 0xE000)})
+
+
+def visible_text(text: str) -> str:
+    """``text`` with control characters, lone surrogates and non-characters made visible.
+
+    Token text can hold any of them (GPT-2's byte tokens decode to "\\x00", say);
+    SVG cannot, and vl-convert aborts the process on them.
+    """
+    return str(text).translate(_VISIBLE)
+
+
 def check_scheme(scheme: str) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"Unknown colour scheme {scheme!r}; choose one of {sorted(SCHEMES)}.")
@@ -47,8 +65,20 @@ def _round(value: float) -> Optional[float]:
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
 
 
+def _plain_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (int, float)):
+        return _round(value) if isinstance(value, float) else value
+    return visible_text(value)
+
+
 def records(frame: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    """Rows as JSON-ready dicts: floats to 4 significant digits, NaN/inf as null."""
+    """Rows as JSON-ready dicts: floats to 4 significant digits, NaN/inf as null, text visible."""
     frame = frame if columns is None else frame[list(columns)]
     converted = {}
     for column in frame.columns:
@@ -58,16 +88,17 @@ def records(frame: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> Lis
         elif values.dtype.kind in "iub":
             converted[column] = [v.item() for v in values]
         else:
-            converted[column] = [None if (isinstance(v, float) and not math.isfinite(v)) else
-                                 (v.item() if isinstance(v, np.generic) else str(v) if v is not None else None)
-                                 for v in values]
+            converted[column] = [_plain_value(v) for v in values]
     names = list(converted)
     return [dict(zip(names, row)) for row in zip(*(converted[n] for n in names))]
 
 
 def inline(frame_or_rows: Any, columns: Optional[Sequence[str]] = None) -> alt.InlineData:
     """Inline data that bypasses Altair's 5000-row limit (sizes are controlled here)."""
-    rows = records(frame_or_rows, columns) if isinstance(frame_or_rows, pd.DataFrame) else list(frame_or_rows)
+    if isinstance(frame_or_rows, pd.DataFrame):
+        rows = records(frame_or_rows, columns)
+    else:
+        rows = [{k: _plain_value(v) if isinstance(v, str) else v for k, v in row.items()} for row in frame_or_rows]
     return alt.InlineData(values=rows)
 
 
@@ -116,7 +147,7 @@ def label_param(name: str, labels: Mapping[int, str] | Sequence[str]) -> alt.Par
     """A variable parameter holding axis labels by position, for ``labelExpr``."""
     if not isinstance(labels, Mapping):
         labels = dict(enumerate(labels))
-    return alt.param(name=name, value={str(int(k)): str(v) for k, v in labels.items()})
+    return alt.param(name=name, value={str(int(k)): visible_text(v) for k, v in labels.items()})
 
 
 def label_expr(param_name: str) -> str:

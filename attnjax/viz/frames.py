@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from attnjax.trace import Trace
+from attnjax.viz.common import visible_text
 
 # One head drawn cell by cell: up to 256 x 256 = 65,536 rectangles.
 HEATMAP_MAX_TOKENS = 256
@@ -37,8 +38,9 @@ TEMPERATURES = tuple(np.round(np.arange(0.05, 2.0001, 0.05), 2))
 
 
 def truncate(token: str, limit: int = LABEL_CHARS) -> str:
-    """A token for an axis label: at most ``limit`` characters, '…' marking a cut."""
-    token = str(token).replace("\n", "\u21b5")
+    """A token for an axis label: visible (no control characters), at most ``limit``
+    characters, '…' marking a cut."""
+    token = visible_text(token)
     return token if len(token) <= limit else token[: limit - 1] + "\u2026"
 
 

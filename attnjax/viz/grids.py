@@ -173,7 +173,8 @@ def comparison_chart(changes: pd.DataFrame, *, value: Optional[str] = None, labe
         usable = [c for c in numbers if np.isfinite(changes[c].to_numpy(dtype=np.float64)).any()]
         value = next((c for c in COMPARISON_VALUES if c in usable), usable[0] if usable else None)
     if value is None or value not in changes.columns:
-        raise ValueError(f"The comparison has no numeric column {value!r} to colour by; it has {list(changes.columns)}.")
+        raise ValueError(f"The comparison has no numeric column {value!r} to colour by; "
+                         f"it has {list(changes.columns)}.")
     values = changes[value].to_numpy(dtype=np.float64)
     finite = values[np.isfinite(values)]
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import altair as alt
 import numpy as np
 
+from attnjax.viz.common import visible_text
+
 CHART_MIME = "application/json"
 EMBED_ACTIONS = {"export": True, "source": False, "compiled": False, "editor": False}
 
@@ -184,21 +186,26 @@ class Block:
         self.extra = extra
 
 
+def _text(value: Any) -> str:
+    """Escaped, visible text for the page (control characters shown, markup inert)."""
+    return html.escape(visible_text(value))
+
+
 def render_page(title: str, blocks: Sequence[Block], *, renderer: Optional[str] = None) -> str:
     """A complete HTML document for ``blocks`` (see :class:`Block`)."""
     parts: List[str] = []
     charts = 0
     for block in blocks:
         if block.kind == "h1":
-            parts.append(f"<h1>{html.escape(str(block.content))}</h1>")
+            parts.append(f"<h1>{_text(block.content)}</h1>")
         elif block.kind == "h2":
             anchor = html.escape(str(block.extra.get("anchor", "")), quote=True)
             attr = f' id="{anchor}"' if anchor else ""
-            parts.append(f"<h2{attr}>{html.escape(str(block.content))}</h2>")
+            parts.append(f"<h2{attr}>{_text(block.content)}</h2>")
         elif block.kind == "note":
-            parts.append(f'<p class="note">{html.escape(str(block.content))}</p>')
+            parts.append(f'<p class="note">{_text(block.content)}</p>')
         elif block.kind == "tokens":
-            parts.append(f'<div class="tokens">{html.escape(str(block.content))}</div>')
+            parts.append(f'<div class="tokens">{_text(block.content)}</div>')
         elif block.kind == "table":
             parts.append(_table_html(block.content))
         elif block.kind == "chart":
@@ -230,7 +237,7 @@ def render_page(title: str, blocks: Sequence[Block], *, renderer: Optional[str] 
         '<meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">',  # no quote or markup in it
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title>",
+        f"<title>{_text(title)}</title>",
         f"<style>{PAGE_CSS}</style>",
         f"<script>{bundle}</script>",
         "</head>",
@@ -247,14 +254,14 @@ def render_page(title: str, blocks: Sequence[Block], *, renderer: Optional[str] 
 def _table_html(rows: Union[Sequence[Sequence[Any]], "Any"]) -> str:
     """An escaped HTML table from a DataFrame or a list of (header, value) rows."""
     if hasattr(rows, "columns"):
-        header = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows.columns)
+        header = "".join(f"<th>{_text(c)}</th>" for c in rows.columns)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in record) + "</tr>"
+            "<tr>" + "".join(f"<td>{_text(_cell(v))}</td>" for v in record) + "</tr>"
             for record in rows.itertuples(index=False)
         )
         return f'<table class="meta"><tr>{header}</tr>{body}</table>'
     body = "".join(
-        f"<tr><th>{html.escape(str(name))}</th><td>{html.escape(_cell(value))}</td></tr>" for name, value in rows
+        f"<tr><th>{_text(name)}</th><td>{_text(_cell(value))}</td></tr>" for name, value in rows
     )
     return f'<table class="meta">{body}</table>'
 

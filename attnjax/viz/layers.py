@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import altair as alt
 import numpy as np
@@ -65,7 +65,7 @@ def layer_similarity_chart(similarity: pd.DataFrame, *, value: Optional[str] = N
                  alt.Tooltip(f"{value}:Q", title=metric, format=".4f")],
         **position)
     text = base.mark_text(fontSize=max(8, cell // 4)).encode(
-        text=alt.Text(f"{value}:Q", format=".2f"),
+        text=alt.Text(f"{value}:Q", format=".2~g"),
         color=alt.condition("datum.dark_text", alt.value("#111111"), alt.value("#ffffff")), **position)
     return alt.layer(cells, text).properties(
         title=title("Layer similarity", f"{name} between layers' head-averaged attention ({direction})"))

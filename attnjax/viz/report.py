@@ -38,7 +38,7 @@ from attnjax.viz.frames import OVERVIEW_MAX_WEIGHTS, attention_frame, next_token
 from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
 from attnjax.viz.html import Block, save_html
 from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
-from attnjax.viz.next_token import next_token_explorer
+from attnjax.viz.next_token import VISIBLE_SPACE, next_token_explorer
 
 POOL_BINS = 64                 # pooled map size for long inputs
 FULL_ATTENTION_TOKENS = 512    # above this, only streaming statistics are captured
@@ -322,8 +322,8 @@ def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
         Block("h1", f"Attention report: {r.model.name or r.model.family}"),
         Block("h2", "What was run", anchor="run"),
         Block("table", _run_table(r, scheme, scale)),
-        Block("note", "Tokens (position: token):"),
-        Block("tokens", "  ".join(f"{int(p)}:{t}" for p, t in zip(r.positions, r.tokens))),
+        Block("note", "Tokens (position:token; \u2423 marks a space):"),
+        Block("tokens", "  ".join(f"{int(p)}:{t.replace(' ', VISIBLE_SPACE)}" for p, t in zip(r.positions, r.tokens))),
         Block("h2", "Model overview", anchor="overview"),
     ]
     if r.mode != "full":
