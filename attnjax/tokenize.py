@@ -59,7 +59,7 @@ def tokenize(model, texts, *, max_length: Optional[int] = None) -> Batch:
     encoded = []
     for i, text in enumerate(texts):
         pair = text if isinstance(text, tuple) else (text,)
-        features = tokenizer(*pair, truncation=False)
+        features = tokenizer(*pair, truncation=False, verbose=False)
         ids = list(features["input_ids"])
         types = list(features.get("token_type_ids") or [0] * len(ids))
         if len(ids) == 0:
@@ -71,7 +71,7 @@ def tokenize(model, texts, *, max_length: Optional[int] = None) -> Batch:
                     f"Text {i} has {len(ids)} tokens, more than the model's {limit} positions. "
                     f"Pass max_length={limit} (or less) to truncate it, or split the text."
                 )
-            features = tokenizer(*pair, truncation=True, max_length=max_length)
+            features = tokenizer(*pair, truncation=True, max_length=max_length, verbose=False)
             ids = list(features["input_ids"])
             types = list(features.get("token_type_ids") or [0] * len(ids))
         encoded.append((ids, types))
