@@ -13,12 +13,16 @@ Prints the median of REPEATS timed runs after one warm-up (so jit compilation is
 counted; the first-call time is printed separately), end to end and analysis only, the
 ratios, and the largest difference between the two pipelines' head scores.
 
-    python benchmarks/analysis.py [--repeats 3]
+    python benchmarks/analysis.py [--repeats 3] [--flow]
+
+With --flow it also times attention_flow (exact pairwise max-flow) for every query of
+a 128-token input, on MiniLM and on a BERT-base-sized (12 x 12) graph.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -51,13 +55,16 @@ def texts():
     return [" ".join(rng.permutation(SENTENCES).tolist() * 2) for _ in range(BATCH)]
 
 
-def median_seconds(fn, repeats):
-    times = []
+def interleaved_seconds(functions: dict, repeats: int) -> dict:
+    """{name: (median, min)} seconds, running the functions in turn so they share the
+    machine's load (the CPU is shared with other work)."""
+    times = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
 # ------------------------------------------------------------------ attnjax
@@ -126,6 +133,7 @@ def numpy_analysis(attention, mask, ids, tokens):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--flow", action="store_true", help="also time attention_flow at 128 tokens (minutes)")
     args = parser.parse_args()
 
     import jax
@@ -176,23 +184,52 @@ def main():
     flagged_theirs = sum(int((np.asarray(v) >= t).sum()) for v, t in zip(
         theirs[2].values(), (0.98, 0.8, 0.15, 3.5)))
 
-    timings = {
-        "attnjax end to end": median_seconds(attnjax_end_to_end, args.repeats),
-        "usual end to end": median_seconds(usual_end_to_end, args.repeats),
-        "attnjax analysis only": median_seconds(lambda: attnjax_analysis(trace), args.repeats),
-        "usual analysis only": median_seconds(lambda: numpy_analysis(*inputs), args.repeats),
-        "attnjax forward only": median_seconds(attnjax_forward, args.repeats),
-        "usual forward only": median_seconds(usual_forward, args.repeats),
-    }
+    timings = interleaved_seconds({
+        "attnjax analysis only": lambda: attnjax_analysis(trace),
+        "usual analysis only": lambda: numpy_analysis(*inputs),
+        "attnjax forward only": attnjax_forward,
+        "usual forward only": usual_forward,
+        "attnjax end to end": attnjax_end_to_end,
+        "usual end to end": usual_end_to_end,
+    }, args.repeats)
     print(f"MiniLM, {BATCH} texts x {LENGTH} tokens, {jax.device_count()} {jax.default_backend()} device(s), "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
-    for name, seconds in timings.items():
-        print(f"  {name:24s} {seconds:7.3f} s")
-    print(f"  speed-up end to end      {timings['usual end to end'] / timings['attnjax end to end']:7.2f} x")
-    print(f"  speed-up analysis only   {timings['usual analysis only'] / timings['attnjax analysis only']:7.2f} x")
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; "
+          f"seconds, median / min of {args.repeats} interleaved runs")
+    for name, (median, fastest) in timings.items():
+        print(f"  {name:24s} {median:7.3f} {fastest:7.3f}")
+    for part in ("analysis only", "end to end"):
+        ours, theirs = timings[f"attnjax {part}"], timings[f"usual {part}"]
+        print(f"  speed-up {part:15s} {theirs[0] / ours[0]:7.2f} x (median)  {theirs[1] / ours[1]:7.2f} x (min)")
     print(f"  attnjax first call (compile included): {first_call:.2f} s")
     print(f"  max |head score difference| {difference:.2e}; same category for {100 * same_categories:.0f}% of heads; "
           f"flags: attnjax {len(flagged_ours)}, numpy {flagged_theirs}")
+    if args.flow:
+        flow_benchmark(model)
+
+
+def flow_benchmark(model):
+    """attention_flow on 128 tokens: MiniLM (6 layers), and a BERT-base-sized graph
+    (12 layers x 12 heads: MiniLM's six layers of the same text, twice)."""
+    import jax.numpy as jnp
+
+    import attnjax
+    from attnjax import analysis
+
+    trace = attnjax.run(model, texts()[0], max_length=LENGTH, capture=attnjax.Capture(attention=True))
+    deep = trace.replace(attention=jnp.concatenate([trace.attention, trace.attention]), layers=tuple(range(12)))
+    for name, item in (("MiniLM, 6 layers", trace), ("BERT-base-sized, 12 layers", deep)):
+        analysis.attention_flow(item, queries=[0])  # compile
+        start = time.perf_counter()
+        one = analysis.attention_flow(item, queries=[0])
+        single = time.perf_counter() - start
+        start = time.perf_counter()
+        every = analysis.attention_flow(item)
+        full = time.perf_counter() - start
+        queries = every["query"].nunique()
+        print(f"  attention_flow {name}, {LENGTH} tokens: one query {single:.1f} s, all {queries} queries "
+              f"({queries * LENGTH} max-flows) {full:.1f} s; flow rows sum to 1: "
+              f"{np.allclose(every.groupby('query')['flow'].sum(), 1.0)}; [CLS] row max-flow range "
+              f"{one['max_flow'].min():.3f}-{one['max_flow'].max():.3f}")
 
 
 if __name__ == "__main__":

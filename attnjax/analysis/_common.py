@@ -17,13 +17,7 @@ from typing import Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
-from attnjax.analysis._terms import (  # noqa: F401  (re-exported helpers)
-    attention_row_checks,
-    earlier_matches,
-    positions_distance,
-    visible_keys,
-    xlogx,
-)
+from attnjax.analysis._terms import attention_row_checks
 from attnjax.trace import Trace
 
 TraceOrTraces = Union[Trace, Sequence[Trace]]

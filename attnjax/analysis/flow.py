@@ -42,10 +42,6 @@ from attnjax.analysis._common import (
 )
 from attnjax.trace import Trace
 
-# Pairs of one max-flow batch are capped so that a batch's (pairs, layers, n, n) state
-# stays near 2**24 numbers (64 MiB in float32).
-MAX_FLOW_BATCH_ELEMENTS = 1 << 24
-
 
 def _check_consecutive(trace: Trace, what: str) -> None:
     ids = layer_ids(trace)
@@ -180,9 +176,11 @@ def attention_flow(
             f"attention_flow queries {bad} are not non-padding positions of sequence {sequence} "
             f"(valid: {positions.min()}..{positions.max()})."
         )
-    maps = _layer_maps(trace.attention[: top + 1, sequence : sequence + 1], trace.mask[sequence : sequence + 1],
-                       residual=residual)[:, 0]  # (l + 1, T, T)
-    maps = np.asarray(maps)[:, positions][:, :, positions]  # (l + 1, n, n) over real tokens
+    attention = np.asarray(trace.attention[: top + 1, sequence], np.float64)  # (l + 1, H, T, T)
+    maps = attention[:, :, positions][:, :, :, positions].mean(1)  # (l + 1, n, n) over real tokens
+    if residual:
+        maps = maps + np.eye(len(positions))[None]
+        maps = maps / maps.sum(-1, keepdims=True)
     rows = np.searchsorted(positions, queries)
     values = flow_values(maps, rows)  # (Q, n)
     totals = values.sum(-1, keepdims=True)
@@ -216,18 +214,15 @@ def flow_values(maps: np.ndarray, sources: Sequence[int]) -> np.ndarray:
         return maps[0][sources]
     if num_maps == 2:  # s -> (1, k) -> t: independent two-edge paths
         return np.minimum(maps[1][sources][:, :, None], maps[0][None]).sum(1)  # (Q, n)
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    cap = jnp.asarray(maps[1:-1], dtype)  # (M-2, n, n)
     src = np.repeat(maps[-1][sources], n, axis=0)  # (Q * n, n) pair (s, t) -> row s of A_M
     snk = np.tile(maps[0].T, (len(sources), 1))  # (Q * n, n) pair (s, t) -> column t of A_1
-    batch = max(1, MAX_FLOW_BATCH_ELEMENTS // max(1, cap.size))
-    values = []
-    for start in range(0, len(src), batch):
-        chunk_src = jnp.asarray(src[start : start + batch], dtype)
-        chunk_snk = jnp.asarray(snk[start : start + batch], dtype)
-        chunk, _ = _maxflow.max_flow(cap, chunk_src, chunk_snk)
-        values.append(np.asarray(chunk, np.float64))
-    return np.concatenate(values).reshape(len(sources), n)
+    values, pulses = _maxflow.max_flow(maps[1:-1], src, snk)
+    if np.any(pulses >= _maxflow.MAX_PULSES):
+        raise RuntimeError(
+            f"attention_flow: a max-flow did not converge in {_maxflow.MAX_PULSES} pulses; please report "
+            "the input (it should take 30-60)."
+        )
+    return np.asarray(values, np.float64).reshape(len(sources), n)
 
 
 def token_flow(

@@ -25,6 +25,11 @@ induction           sum of p over keys k whose previous        same as duplicate
                     token k - 1 is an earlier occurrence of
                     the current token (Olsson et al. 2022;
                     TransformerLens's induction diagonal)
+concentrated        1 if the two largest weights sum to >=     every non-padding query
+                    0.9 and the argmax is a sink or the
+                    head's favourite key (anomalies.py)
+jump                |argmax(i+1) - argmax(i)| / tokens for     adjacent pairs (i, i + 1) of
+                    decisive, unexplained steps (anomalies.py) non-padding queries
 ==================  =========================================  ==============================
 
 cls / sep / punctuation are NaN when no key of that class occurs (e.g. GPT-2 has no
@@ -32,8 +37,9 @@ cls / sep / punctuation are NaN when no key of that class occurs (e.g. GPT-2 has
 (Capture(stats=True), no T x T maps) entropy, normalized_entropy, max_weight, self,
 previous_token, first_token and mean_distance come from the per-query statistics, and
 cls / sep / punctuation from ``received`` (column sums over non-padding queries: the mean
-mass on a key set is the sum of its received mass over the number of queries); next_token,
-induction and duplicate need the maps and are NaN.
+mass on a key set is the sum of its received mass over the number of queries); concentrated
+and jump use max_prob (the top weight only) and argmax; next_token, induction and
+duplicate need the maps and are NaN.
 """
 
 from __future__ import annotations
@@ -52,13 +58,11 @@ from attnjax.analysis._common import (
     SEP_TOKENS,
     TraceOrTraces,
     as_traces,
-    earlier_matches,
     has_attention,
     layer_ids,
     token_classes,
     token_strings,
     validate_attention,
-    visible_keys,
 )
 from attnjax.analysis._terms import (
     CONCENTRATED_MASS,
@@ -66,6 +70,8 @@ from attnjax.analysis._terms import (
     LOCAL_WINDOW,
     anomaly_sums,
     attention_score_terms,
+    earlier_matches,
+    visible_keys,
 )
 from attnjax.trace import Trace
 
@@ -195,6 +201,8 @@ def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool) -> Dict[s
 @functools.partial(jax.jit, static_argnames=("causal",))
 def stats_terms(stats, mask: jax.Array, classes: jax.Array, *, causal: bool) -> Dict[str, jax.Array]:
     """Per-query quantities that the streaming AttentionStats give, (L, B, H, T) each.
+
+    ``top2`` is max_prob (the stats know only the largest weight: a lower bound).
 
     cls / sep / punctuation are returned per (L, B, H) as summed mass over the batch's
     queries (from ``received``), under the keys ``cls_total`` etc.

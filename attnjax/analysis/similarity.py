@@ -32,9 +32,8 @@ from attnjax.analysis._common import (
     has_attention,
     layer_ids,
     validate_attention,
-    xlogx,
 )
-from attnjax.analysis._terms import attention_head_means
+from attnjax.analysis._terms import attention_head_means, xlogx
 from attnjax.kernels.reference import pool_bins
 from attnjax.trace import Trace
 

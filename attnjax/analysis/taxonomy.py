@@ -34,7 +34,7 @@ pass a threshold.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Tuple, Union
+from typing import Mapping, Tuple, Union
 
 import numpy as np
 import pandas as pd

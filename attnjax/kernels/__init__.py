@@ -6,7 +6,7 @@ Implementations (all tested against ``reference``):
 - ``"blockwise"``  XLA online-softmax loops, O(T) memory, any backend (default on CPU);
 - ``"pallas"``     Pallas kernels: Triton on GPU, Mosaic on TPU, and the Pallas
                    interpreter on any other backend (slow; for tests);
-- ``"auto"``       Pallas on GPU/TPU, blockwise elsewhere;
+- ``"auto"``       Pallas on GPU/TPU (blockwise for float64 inputs), blockwise elsewhere;
 - a callable       a custom attention function, called as
                    ``impl(q, k, v, mask=mask, causal=causal, scale=scale)``; its result
                    is returned as is (it cannot produce statistics).
@@ -54,17 +54,21 @@ __all__ = [
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+_MAX_BLOCK = 1024  # sequences are padded by less than this before positions are binned
 
 
-def resolve_impl(impl: str) -> str:
-    """The concrete implementation ``impl`` names on this machine ("auto" -> pallas or blockwise)."""
+def resolve_impl(impl: str, dtype=jnp.float32) -> str:
+    """The concrete implementation ``impl`` names here: "auto" is Pallas on GPU/TPU
+    (except for float64 inputs, which the compiled kernels do not take) and blockwise
+    elsewhere."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention(impl={impl!r}) is not an implementation; expected one of "
             f"{', '.join(repr(name) for name in IMPLEMENTATIONS)} or a callable "
             "impl(q, k, v, mask=..., causal=..., scale=...).")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in _ACCELERATORS else "blockwise"
+        accelerated = jax.default_backend() in _ACCELERATORS and jnp.dtype(dtype) != jnp.float64
+        return "pallas" if accelerated else "blockwise"
     return impl
 
 
@@ -101,6 +105,10 @@ def _check_inputs(q, k, v, mask, scale, pool):
             raise TypeError(f"attention: mask has dtype {mask.dtype}; expected bool (or integer 0/1).")
     if pool is not None and (isinstance(pool, bool) or not isinstance(pool, numbers.Integral) or pool < 1):
         raise ValueError(f"attention(pool={pool!r}): expected None or a positive int number of bins.")
+    if pool is not None and (length + _MAX_BLOCK) * pool >= 2 ** 31:
+        raise ValueError(
+            f"attention(pool={pool}) at seq {length}: bins are computed as t * P // T in int32; "
+            "use fewer bins.")
     if scale is None:
         return None
     try:
@@ -150,7 +158,7 @@ def attention(
                 "functions cannot produce stats (AttentionStats are computed inside attnjax's "
                 "own kernels). Use impl='auto', 'blockwise', 'pallas' or 'reference'.")
         return impl(q, k, v, mask=mask, causal=causal, scale=scale)
-    name = resolve_impl(impl)
+    name = resolve_impl(impl, q.dtype)
     kwargs = dict(mask=mask, causal=bool(causal), scale=scale, stats=bool(stats), pool=pool)
     if name == "reference":
         return reference_attention(q, k, v, **kwargs)

@@ -31,6 +31,14 @@ float32 inputs use full float32 matmuls (no TF32); bf16/f16 inputs multiply in t
 own dtype with float32 accumulation (p is cast to v's dtype for p @ v, as in
 FlashAttention). Statistics accumulate in float32 (float64 for float64 inputs, which
 only the interpreter runs).
+
+What is verified where: the interpreter runs these kernels against the reference
+in tests/test_kernels.py on CPU; the same tests compile them with Triton when a GPU
+is present. On any machine the tests also lower every kernel for CUDA (Triton IR)
+and TPU (Mosaic), which catches unsupported operations and block shapes, but not
+what only the backend compilers check (register or VMEM budgets, Mosaic layouts).
+On TPU one head's whole K and V are VMEM blocks (double-buffered, 4 T D itemsize
+bytes), which bounds T under the default scoped-VMEM limit.
 """
 
 from __future__ import annotations
