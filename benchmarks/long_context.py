@@ -8,13 +8,18 @@ One layer-sized call (batch 1, 12 heads, head_dim 64, float32, no mask) of
 - ``stats+pool``  the same plus a P x P pooled attention map (P = 64);
 
 and, at T <= --reference-max, ``reference`` (the dense T x T path with statistics)
-for contrast. Each (T, mode) runs in a fresh subprocess so that its peak resident
-memory (``ru_maxrss``) is its own; the table also shows the process's resident
-memory before compiling (JAX runtime + inputs), XLA's own temp-buffer estimate
-(``compiled.memory_analysis()``), and what one dense float32 (heads, T, T) attention
-matrix would take. Times are wall-clock and process CPU time (all threads), the
-minimum over --repeats runs after one warm-up; on a shared machine CPU time is the
-steadier of the two.
+for contrast.
+
+Memory: each (T, mode) is compiled and run once in a fresh subprocess, so its peak
+resident memory (``ru_maxrss``, which includes compiling) is its own. The table also
+shows the resident memory before compiling (JAX runtime + inputs), XLA's temp-buffer
+estimate (``compiled.memory_analysis()``) and what one dense float32 (heads, T, T)
+attention matrix would take.
+
+Time: per T, one subprocess compiles the three blockwise modes and runs them
+round-robin --repeats times after a warm-up; each mode reports its minimum wall
+time and process CPU time (all threads). Interleaving keeps the modes' ratios fair
+when other work shares the machine; CPU time is the steadier of the two there.
 
     python benchmarks/long_context.py                      # the table in RESULTS.md
     python benchmarks/long_context.py --lengths 2048 4096  # quicker
@@ -44,43 +49,79 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_child(args) -> dict:
-    """Measure one (length, mode) in this process; returns the row as a dict."""
-    import jax
+def _inputs(args, length):
     import jax.numpy as jnp
     import numpy as np
 
+    rng = np.random.default_rng(0)
+    shape = (args.batch, length, args.heads, args.head_dim)  # (B, T, N, H)
+    return tuple(jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(3))
+
+
+def _compiled(mode, args, q, k, v):
+    import jax
+
     from attnjax.kernels import blockwise_attention, reference_attention
 
-    rng = np.random.default_rng(0)
-    shape = (args.batch, args.length, args.heads, args.head_dim)  # (B, T, N, H)
-    q, k, v = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(3))
-    jax.block_until_ready((q, k, v))
-    baseline_mib = _rss_peak_mib()
-
-    if args.mode == "reference":
+    if mode == "reference":
         fn = jax.jit(lambda q, k, v: reference_attention(q, k, v, causal=args.causal, stats=True))
     else:
-        stats = args.mode != "forward"
-        pool = args.pool if args.mode == "stats+pool" else None
+        stats = mode != "forward"
+        pool = args.pool if mode == "stats+pool" else None
         fn = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, causal=args.causal, stats=stats, pool=pool))
-    start = time.perf_counter()
-    compiled = fn.lower(q, k, v).compile()
-    compile_s = time.perf_counter() - start
+    return fn.lower(q, k, v).compile()
+
+
+def memory_child(args) -> dict:
+    """Peak memory of one (length, mode), measured in this fresh process."""
+    import jax
+
+    q, k, v = _inputs(args, args.length)
+    jax.block_until_ready((q, k, v))
+    baseline_mib = _rss_peak_mib()
+    compiled = _compiled(args.mode, args, q, k, v)
     memory = compiled.memory_analysis()
-    jax.block_until_ready(compiled(q, k, v))  # warm-up
-    walls, cpus = [], []
-    for _ in range(args.repeats):
-        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
-        walls.append(time.perf_counter() - wall0)
-        cpus.append(_cpu_seconds() - cpu0)
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(q, k, v))
     return dict(
-        length=args.length, mode=args.mode, compile_s=compile_s,
-        wall_s=min(walls), cpu_s=min(cpus),
         peak_rss_mib=_rss_peak_mib(), baseline_rss_mib=baseline_mib,
+        first_run_s=time.perf_counter() - start,
         xla_temp_mib=getattr(memory, "temp_size_in_bytes", 0) / MIB if memory else float("nan"),
     )
+
+
+def timing_child(args) -> dict:
+    """Min wall / CPU seconds per blockwise mode at one length, modes run round-robin."""
+    import jax
+
+    q, k, v = _inputs(args, args.length)
+    modes = ("forward", "stats", "stats+pool")
+    compiled = {mode: _compiled(mode, args, q, k, v) for mode in modes}
+    for mode in modes:
+        jax.block_until_ready(compiled[mode](q, k, v))  # warm-up
+    walls = {mode: [] for mode in modes}
+    cpus = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+            jax.block_until_ready(compiled[mode](q, k, v))
+            walls[mode].append(time.perf_counter() - wall0)
+            cpus[mode].append(_cpu_seconds() - cpu0)
+    return {mode: dict(wall_s=min(walls[mode]), cpu_s=min(cpus[mode])) for mode in modes}
+
+
+def _run(args, root, *extra) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", *extra,
+               "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--batch", str(args.batch),
+               "--pool", str(args.pool), "--repeats", str(args.repeats)]
+    if args.causal:
+        command.append("--causal")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(tail[:160])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def machine_description() -> str:
@@ -107,20 +148,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pool", type=int, default=64)
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-max", type=int, default=2048,
                         help="also run the dense reference at lengths up to this")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["memory", "timing"], help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.child:
-        print(json.dumps(run_child(args)))
+    if args.child == "memory":
+        print(json.dumps(memory_child(args)))
+        return
+    if args.child == "timing":
+        print(json.dumps(timing_child(args)))
         return
 
     print(f"# long_context: batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, float32, "
-          f"{'causal' if args.causal else 'non-causal'}, no mask, pool {args.pool}")
+          f"{'causal' if args.causal else 'non-causal'}, no mask, pool {args.pool}, "
+          f"min of {args.repeats} interleaved runs")
     print(f"# machine: {machine_description()}")
     print()
     header = ("| T | mode | wall s | CPU s | CPU x forward | peak RSS MiB | RSS before compile MiB "
@@ -129,28 +174,28 @@ def main() -> None:
     print("|" + "---|" * (header.count("|") - 1))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for length in args.lengths:
+        dense_mib = args.batch * args.heads * length * length * 4 / MIB
+        try:
+            timing = _run(args, root, "timing", "--length", str(length))
+        except RuntimeError as error:
+            print(f"| {length} | timing failed: {error} | | | | | | | |", flush=True)
+            continue
         modes = [m for m in MODES if m != "reference" or length <= args.reference_max]
-        forward_cpu = None
         for mode in modes:
-            command = [sys.executable, os.path.abspath(__file__), "--child", "--length", str(length),
-                       "--mode", mode, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-                       "--batch", str(args.batch), "--pool", str(args.pool), "--repeats", str(args.repeats)]
-            if args.causal:
-                command.append("--causal")
-            env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
-            if result.returncode != 0:
-                tail = (result.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {length} | {mode} | failed: {tail[:120]} | | | | | | |", flush=True)
+            try:
+                memory = _run(args, root, "memory", "--length", str(length), "--mode", mode)
+            except RuntimeError as error:
+                print(f"| {length} | {mode} | failed: {error} | | | | | | |", flush=True)
                 continue
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            if mode == "forward":
-                forward_cpu = row["cpu_s"]
-            ratio = f"{row['cpu_s'] / forward_cpu:.2f}" if forward_cpu else "-"
-            dense_mib = args.batch * args.heads * length * length * 4 / MIB
-            print(f"| {length} | {mode} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} | {ratio} "
-                  f"| {row['peak_rss_mib']:.0f} | {row['baseline_rss_mib']:.0f} | {row['xla_temp_mib']:.0f} "
-                  f"| {dense_mib:.0f} |", flush=True)
+            if mode in timing:
+                wall, cpu = timing[mode]["wall_s"], timing[mode]["cpu_s"]
+                ratio = f"{cpu / timing['forward']['cpu_s']:.2f}"
+            else:  # the dense reference: one run, from the memory process
+                wall, cpu, ratio = memory["first_run_s"], float("nan"), "-"
+            cpu_text = "-" if cpu != cpu else f"{cpu:.2f}"
+            print(f"| {length} | {mode} | {wall:.2f} | {cpu_text} | {ratio} "
+                  f"| {memory['peak_rss_mib']:.0f} | {memory['baseline_rss_mib']:.0f} "
+                  f"| {memory['xla_temp_mib']:.0f} | {dense_mib:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ quantisation or another training step changed).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +19,7 @@ from attnjax.analysis.taxonomy import classify_heads
 from attnjax.trace import Trace
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _map_divergence(attention_a, attention_b, mask_a, mask_b):
     """(L, H) mean JS divergence over queries that are non-padding in both Traces."""
     divergence = _pair_stat(attention_a.astype(jnp.float32), attention_b.astype(jnp.float32), "jsd")  # (L, B, H, T)

@@ -142,17 +142,20 @@ def attention_flow(
     For each query position i of ``sequence`` and input position j: the max-flow value
     from node (layer, i) to input node j in the layered graph with capacities A_l
     (module docstring), then normalised over j. This is the paper's pairwise definition,
-    computed exactly (not a super-sink approximation) by a batched push-relabel
-    (attnjax.analysis._maxflow) that solves all (i, j) pairs together.
+    computed exactly (float64, to ~1e-10) by a dense push-relabel
+    (attnjax.analysis._maxflow), one max-flow per (i, j) pair. A single max-flow per
+    query into a super-sink over all inputs would be n times cheaper but is not the same
+    quantity: it splits one unit of flow among the inputs in one of many optimal ways,
+    while the paper asks how much could reach each input on its own.
 
     layer: model layer whose outputs are the sources (default: the last recorded one);
     queries: source positions (default: every non-padding position).
 
-    Cost: one max-flow per (query, input) pair, each O(pulses * (layers - 2) * n^2) with
-    30-60 pulses in practice. Measured on 2 CPU cores (benchmarks/RESULTS.md): all
-    queries of a 128-token input take about 2 s per query for all-MiniLM-L6-v2 (6
-    layers) and about 4 s per query for a BERT-base-sized graph (12 layers); pass a few
-    ``queries`` for a quick look. Much faster on a GPU.
+    Cost: n max-flows per query, each O(pulses * (layers - 2) * n^2) with 30-60 pulses
+    in practice, spread over the CPU cores. Measured on 2 shared CPU cores at n = 128
+    (benchmarks/RESULTS.md): all-MiniLM-L6-v2 (6 layers) about 1.1 s per query, 142 s
+    for all 128; a BERT-base-sized graph (12 layers, 12 heads) about 2.3 s per query,
+    296 s for all 128. Pass a few ``queries`` for a quick look.
 
     Columns: layer (int), sequence (int), query (int), key (int: input position),
     query_token (str), key_token (str), max_flow (float: the max-flow value, at most 1),
