@@ -1,7 +1,7 @@
 """Forward-pass speed: attnjax.run on the bundled MiniLM vs transformers' eager PyTorch.
 
-8 sentences x 128 tokens. Prints the median of REPEATS timed calls after warm-up,
-for attnjax with full attention capture, attnjax with an empty capture, and
+8 sentences x 128 tokens. Prints the median of REPEATS timed calls after warm-up
+(the paths take turns, so a busy machine slows them alike), for attnjax with full attention capture, attnjax with an empty capture, and
 transformers' BertModel (eager attention, output_attentions=True), plus the ratios;
 then the first-call (compile) time in a fresh process, cold and with JAX's
 persistent compilation cache warm.
@@ -38,13 +38,15 @@ def texts():
     return [(s + " ") * 12 for s in SENTENCES[:BATCH]]
 
 
-def median_seconds(fn, repeats=REPEATS):
-    times = []
+def interleaved_medians(paths, repeats=REPEATS):
+    """{name: median seconds}, timing one call of each path in turn, REPEATS rounds."""
+    times = {name: [] for name in paths}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def first_call(cache_dir: str) -> float:
@@ -102,11 +104,11 @@ def main():
             reference(**inputs, output_attentions=True, output_hidden_states=True)
 
     theirs()
-    results = {
-        "attnjax.run, capture attention + hidden states": median_seconds(ours(full)),
-        "attnjax.run, empty capture": median_seconds(ours(empty)),
-        "transformers eager, output_attentions": median_seconds(theirs),
-    }
+    results = interleaved_medians({
+        "attnjax.run, capture attention + hidden states": ours(full),
+        "attnjax.run, empty capture": ours(empty),
+        "transformers eager, output_attentions": theirs,
+    })
     base = results["transformers eager, output_attentions"]
     print(f"MiniLM-L6 (6 layers, 12 heads, 384 wide), batch {BATCH} x {LENGTH} tokens, "
           f"{os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}")

@@ -113,4 +113,15 @@ def test_pipeline_on_minilm(trace):
     np.testing.assert_allclose(sums, 1.0, rtol=1e-6)
     changed = analysis.compare(trace, trace)
     assert not changed["category_changed"].any()
+    assert np.allclose(changed["jsd"], 0.0, atol=1e-6)
     assert isinstance(analysis.token_flow(trace, 2, sequence=0), pd.DataFrame)
+
+
+def test_compare_two_inputs_of_different_lengths(model):
+    capture = attnjax.Capture(attention=True)
+    short = attnjax.run(model, "The cat sat.", capture=capture)
+    longer = attnjax.run(model, "The cat sat on the warm mat.", capture=capture)
+    changes = analysis.compare(short, longer)
+    assert len(changes) == 72 and changes["jsd"].between(0.0, np.log(2)).all()
+    assert (changes["jsd"] > 0).any()  # aligned positions attend differently once the text goes on
+    np.testing.assert_allclose(changes["entropy_diff"], changes["entropy_b"] - changes["entropy_a"])

@@ -62,8 +62,9 @@ from attnjax.kernels.reference import (
 )
 from attnjax.kernels.stats import AttentionStats
 
-# Key index used as "no candidate" when searching a block for its first maximum.
-_NO_INDEX = jnp.iinfo(jnp.int32).max
+# Key position used as "no candidate" when searching a block for its first maximum.
+_NO_POSITION = float(2 ** 30)
+_MAX_LENGTH = 2 ** 24  # float32 holds every key position exactly below this
 # Initial running max: finite, and far above MASK_VALUE, so exp(MASK_VALUE - m) is
 # exactly 0 even for a row that has seen no visible key yet (no second mask needed).
 M_INIT = 0.5 * MASK_VALUE
@@ -201,9 +202,12 @@ def _forward_group(q, k, v, key_vis, cfg: _Config):
                 p_distance = jnp.einsum("GQK,QK->GQ", p, distance, precision=precision)  # (g, bq)
                 distance_sum = correction * distance_sum + p_distance  # (g, bq)
                 # A masked score equals m_blk only when m_blk == MASK_VALUE < m: never kept.
+                # The search runs on float32 positions (exact below 2^24; a float min
+                # vectorises better on XLA:CPU than an int32 one).
                 is_max = s == m_blk[..., None]  # (g, bq, bk)
-                first_max = jnp.min(jnp.where(is_max, key_pos, _NO_INDEX), axis=-1)  # (g, bq)
-                argmax = jnp.where(m_blk > m, first_max, argmax)  # (g, bq)
+                key_pos_f = key_pos.astype(jnp.float32)  # (bk,)
+                first_max = jnp.min(jnp.where(is_max, key_pos_f, _NO_POSITION), axis=-1)  # (g, bq)
+                argmax = jnp.where(m_blk > m, first_max.astype(jnp.int32), argmax)  # (g, bq)
             return m_new, l_new, o_new, entropy_sum, distance_sum, argmax
 
         row_zeros = jnp.zeros((groups, bq), acc)  # (g, bq)
@@ -383,27 +387,36 @@ def _column_group(q, k, key_vis, query_weight, lse, cfg: _Config, pool: Optional
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)  # (g, bq)
             weight_blk = lax.dynamic_slice_in_dim(query_weight, i * bq, bq, axis=0)  # (bq,)
             query_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
-            visible = _visible(key_blk, key_pos, query_pos, cfg.causal)  # (g, bq | 1, bk)
-            s = jnp.einsum("GQH,GKH->GQK", q_blk, k_blk, precision=precision) * cfg.scale  # (g, bq, bk)
-            p = jnp.exp(jnp.where(visible, s - lse_blk[..., None], MASK_VALUE))  # (g, bq, bk)
-            received = received + jnp.einsum("GQK,Q->GK", p, weight_blk, precision=precision)  # (g, bk)
-            if pool is not None:
-                bins = jnp.where(query_pos < length, query_pos * pool // length, -1)  # (bq,)
-                first = jnp.clip(i * bq * pool // length, 0, pool - local_bins)  # first bin this block can meet
-                local = jax.nn.one_hot(bins - first, local_bins, dtype=acc)  # (bq, L); padding rows 0
-                tile_sums = jnp.einsum("GQK,QL->GLK", p, local, precision=precision)  # (g, L, bk)
-                current = lax.dynamic_slice_in_dim(bin_sums, first, local_bins, axis=1)  # (g, L, bk)
-                bin_sums = lax.dynamic_update_slice_in_dim(bin_sums, current + tile_sums, first, axis=1)  # (g, P, bk)
+            # Key-major tiles: the sums over queries then run along the minor axis
+            # (a query-major p would be transposed in memory for them on XLA:CPU).
+            visible = key_blk[:, :, None]  # (g, bk, 1)
+            if cfg.causal:
+                visible = visible & (key_pos[:, None] <= query_pos[None, :])[None]  # (g, bk, bq)
+            s = jnp.einsum("GKH,GQH->GKQ", k_blk, q_blk, precision=precision) * cfg.scale  # (g, bk, bq)
+            p = jnp.exp(jnp.where(visible, s - lse_blk[:, None, :], MASK_VALUE))  # (g, bk, bq)
+            if pool is None:
+                received = received + jnp.einsum("GKQ,Q->GK", p, weight_blk, precision=precision)  # (g, bk)
+                return received, bin_sums
+            # One matmul for both: the block's local bin one-hot plus the query weights.
+            bins = jnp.where(query_pos < length, query_pos * pool // length, -1)  # (bq,)
+            first = jnp.clip(i * bq * pool // length, 0, pool - local_bins)  # first bin this block can meet
+            local = jax.nn.one_hot(bins - first, local_bins, dtype=acc)  # (bq, L); padding rows 0
+            weights = jnp.concatenate([local, weight_blk[:, None]], axis=1)  # (bq, L + 1)
+            tile_sums = jnp.einsum("GKQ,QL->GKL", p, weights, precision=precision)  # (g, bk, L + 1)
+            received = received + tile_sums[:, :, local_bins]  # (g, bk)
+            current = lax.dynamic_slice_in_dim(bin_sums, first, local_bins, axis=2)  # (g, bk, L)
+            bin_sums = lax.dynamic_update_slice_in_dim(
+                bin_sums, current + tile_sums[:, :, :local_bins], first, axis=2)  # (g, bk, P)
             return received, bin_sums
 
         received0 = jnp.zeros((groups, bk), acc)  # (g, bk)
-        bin_sums0 = jnp.zeros((groups, pool, bk) if pool else (groups,), acc)  # (g, P, bk)
+        bin_sums0 = jnp.zeros((groups, bk, pool) if pool else (groups,), acc)  # (g, bk, P)
         lower_block = (jk * bk) // bq if cfg.causal else 0
         received, bin_sums = lax.fori_loop(lower_block, num_query_blocks, step, (received0, bin_sums0))
         if pool is not None:
             key_bins = jnp.where(key_pos < length, key_pos * pool // length, -1)  # (bk,)
             key_one_hot = jax.nn.one_hot(key_bins, pool, dtype=acc)  # (bk, P); padding rows 0
-            pooled = pooled + jnp.einsum("GAK,KC->GAC", bin_sums, key_one_hot, precision=precision)  # (g, P, P)
+            pooled = pooled + jnp.einsum("GKA,KC->GAC", bin_sums, key_one_hot, precision=precision)  # (g, P, P)
         return pooled, received
 
     pooled0 = jnp.zeros((groups, pool, pool) if pool else (groups,), acc)  # (g, P, P)
@@ -452,6 +465,8 @@ def blockwise_attention(
     ``block_sizes`` are clipped to the (8-rounded) sequence length.
     """
     batch, length, heads, head_dim = q.shape
+    if length >= _MAX_LENGTH:
+        raise ValueError(f"blockwise_attention: seq {length} >= 2^24; key positions are float32 in the argmax search.")
     scale = default_scale(head_dim) if scale is None else float(scale)
     sizes = block_sizes or BlockSizes()
     block_q = min(sizes.block_q, round_up(length, 8))
