@@ -7,7 +7,7 @@
 """
 
 from attnjax.api import load, run
-from attnjax.cache import enable_compilation_cache
+from attnjax.cache import enable_compilation_cache, tune_host_allocator
 from attnjax.kernels.stats import AttentionStats
 from attnjax.models import CheckpointError, Model, UnsupportedConfigError
 from attnjax.tokenize import Batch, tokenize
@@ -18,4 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats", "Batch", "Capture", "CheckpointError", "Model", "Trace",
     "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
+    "tune_host_allocator",
 ]

@@ -174,6 +174,7 @@ def run_report(args) -> int:
     from attnjax.viz.report import ReportInputError, build_report, count_tokens
 
     attnjax.enable_compilation_cache()
+    attnjax.tune_host_allocator()
     started = time.perf_counter()
     timings = {}
     stamp = time.perf_counter()
@@ -255,6 +256,7 @@ def run_profile(args) -> int:
     from attnjax.viz.report import count_tokens
 
     attnjax.enable_compilation_cache()
+    attnjax.tune_host_allocator()
     started = time.perf_counter()
     model = load_model(args.model)
     limit = args.max_length or model.config.max_positions

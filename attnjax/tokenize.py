@@ -40,6 +40,21 @@ def display_tokens(tokenizer, family: str, ids: Sequence[int]) -> Tuple[str, ...
     return tuple(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
 
 
+def encode_all(tokenizer, texts: list, **options) -> list:
+    """Each text's encoding as a dict of lists, in one batched tokenizer call when the
+    texts are all single strings or all pairs (the fast tokenizer then works in parallel)."""
+    if not texts:
+        return []
+    if all(isinstance(t, str) for t in texts):
+        batch = tokenizer(texts, verbose=False, **options)
+    elif all(isinstance(t, tuple) for t in texts):
+        batch = tokenizer([t[0] for t in texts], [t[1] for t in texts], verbose=False, **options)
+    else:
+        return [tokenizer(*(t if isinstance(t, tuple) else (t,)), verbose=False, **options)
+                for t in texts]
+    return [{name: batch[name][i] for name in batch.keys()} for i in range(len(texts))]
+
+
 def tokenize(model, texts, *, max_length: Optional[int] = None) -> Batch:
     """Tokenise and pad on the right; too-long texts are an error unless max_length truncates."""
     tokenizer = model.tokenizer
@@ -56,25 +71,23 @@ def tokenize(model, texts, *, max_length: Optional[int] = None) -> Batch:
     if model.family == "gpt2" and any(isinstance(t, tuple) for t in texts):
         raise ValueError("Sentence pairs are a BERT input; give GPT-2 plain strings.")
 
-    encoded = []
-    for i, text in enumerate(texts):
-        pair = text if isinstance(text, tuple) else (text,)
-        features = tokenizer(*pair, truncation=False, verbose=False)
-        ids = list(features["input_ids"])
-        types = list(features.get("token_type_ids") or [0] * len(ids))
-        if len(ids) == 0:
+    cap = max_length if max_length is not None else limit
+    encoded = encode_all(tokenizer, texts, truncation=False)
+    too_long = [i for i, features in enumerate(encoded) if len(features["input_ids"]) > cap]
+    if too_long and max_length is None:
+        i = too_long[0]
+        raise ValueError(
+            f"Text {i} has {len(encoded[i]['input_ids'])} tokens, more than the model's {limit} "
+            f"positions. Pass max_length={limit} (or less) to truncate it, or split the text."
+        )
+    truncated = encode_all(tokenizer, [texts[i] for i in too_long], truncation=True, max_length=max_length)
+    for i, features in zip(too_long, truncated):
+        encoded[i] = features
+    for i, features in enumerate(encoded):
+        if len(features["input_ids"]) == 0:
             raise ValueError(f"Text {i} produced no tokens.")
-        cap = max_length if max_length is not None else limit
-        if len(ids) > cap:
-            if max_length is None:
-                raise ValueError(
-                    f"Text {i} has {len(ids)} tokens, more than the model's {limit} positions. "
-                    f"Pass max_length={limit} (or less) to truncate it, or split the text."
-                )
-            features = tokenizer(*pair, truncation=True, max_length=max_length, verbose=False)
-            ids = list(features["input_ids"])
-            types = list(features.get("token_type_ids") or [0] * len(ids))
-        encoded.append((ids, types))
+    encoded = [(list(f["input_ids"]), list(f.get("token_type_ids") or [0] * len(f["input_ids"])))
+               for f in encoded]
 
     seq_len = max(len(ids) for ids, _ in encoded)
     pad_id = tokenizer.pad_token_id

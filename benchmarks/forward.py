@@ -49,6 +49,14 @@ def interleaved_medians(paths, repeats=REPEATS):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def print_table(title: str, results: dict) -> None:
+    base = results["transformers eager, output_attentions"]
+    print(f"\n{title}")
+    print(f"{'path':<50} {'median ms':>10} {'vs torch':>9}")
+    for name, seconds in results.items():
+        print(f"{name:<50} {seconds * 1e3:>10.1f} {seconds / base:>8.2f}x")
+
+
 def first_call(cache_dir: str) -> float:
     """Time from nothing compiled to the first finished attnjax.run, in this process."""
     import jax
@@ -64,17 +72,43 @@ def first_call(cache_dir: str) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed rounds per table")
     parser.add_argument("--first-call", metavar="CACHE_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=("default", "tuned"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.first_call:
         print(f"{first_call(args.first_call):.3f}")
+        return
+    if args.allocator:
+        measure(args.allocator, args.repeats)
+        return
+    # Each allocator setting in a fresh process: glibc's thresholds are best set
+    # before the runtimes start their threads and arenas.
+    for allocator in ("default", "tuned"):
+        subprocess.run([sys.executable, __file__, "--allocator", allocator,
+                        "--repeats", str(args.repeats)], check=True)
+
+    with tempfile.TemporaryDirectory() as cache:
+        command = [sys.executable, __file__, "--first-call", cache]
+        cold = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+        warm = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+    print()
+    print(f"{'first call, new process, empty compilation cache':<50} {cold * 1e3:>10.1f}")
+    print(f"{'first call, new process, persistent cache warm':<50} {warm * 1e3:>10.1f}")
+
+
+def measure(allocator: str, repeats: int) -> None:
+    """One table: the three paths' interleaved medians under one allocator setting."""
+    import attnjax
+
+    if allocator == "tuned" and not attnjax.tune_host_allocator():
+        print("\nattnjax.tune_host_allocator() does nothing on this platform; no tuned table.")
         return
 
     import jax
     import torch
     import transformers
 
-    import attnjax
     from attnjax import Capture
     from attnjax.models.checkpoints import bundled_path
 
@@ -104,25 +138,19 @@ def main():
             reference(**inputs, output_attentions=True, output_hidden_states=True)
 
     theirs()
-    results = interleaved_medians({
+    paths = {
         "attnjax.run, capture attention + hidden states": ours(full),
         "attnjax.run, empty capture": ours(empty),
         "transformers eager, output_attentions": theirs,
-    })
-    base = results["transformers eager, output_attentions"]
-    print(f"MiniLM-L6 (6 layers, 12 heads, 384 wide), batch {BATCH} x {LENGTH} tokens, "
-          f"{os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}")
-    print(f"{'path':<50} {'median ms':>10} {'vs torch':>9}")
-    for name, seconds in results.items():
-        print(f"{name:<50} {seconds * 1e3:>10.1f} {seconds / base:>8.2f}x")
-
-    with tempfile.TemporaryDirectory() as cache:
-        command = [sys.executable, __file__, "--first-call", cache]
-        cold = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
-        warm = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
-    print(f"{'first call, new process, empty compilation cache':<50} {cold * 1e3:>10.1f}")
-    print(f"{'first call, new process, persistent cache warm':<50} {warm * 1e3:>10.1f}")
-
+    }
+    if allocator == "default":
+        print(f"MiniLM-L6 (6 layers, 12 heads, 384 wide), batch {BATCH} x {LENGTH} tokens, "
+              f"{os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}, "
+              f"median of {repeats} interleaved rounds")
+        print_table("default allocator", interleaved_medians(paths, repeats))
+    else:
+        print_table("attnjax.tune_host_allocator() at process start (applies to both)",
+                    interleaved_medians(paths, repeats))
 
 if __name__ == "__main__":
     main()

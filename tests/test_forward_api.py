@@ -169,3 +169,16 @@ def test_empty_capture_builds_no_attention_matrix(tmp_path):
     assert any(square(s) for s in shapes(Capture(attention=True))), "the check must see a T x T matrix"
     assert not any(square(s) for s in shapes(Capture()))
     assert not any(square(s) for s in shapes(Capture(stats=True, hidden_states=True)))
+
+
+def test_tune_host_allocator_is_safe_to_call_and_keeps_results():
+    import sys
+
+    model = attnjax.load("minilm")
+    before = attnjax.run(model, "The allocator must not change any number.")
+    applied = attnjax.tune_host_allocator()
+    assert applied == sys.platform.startswith("linux")
+    after = attnjax.run(model, "The allocator must not change any number.")
+    np.testing.assert_array_equal(np.asarray(before.attention), np.asarray(after.attention))
+    with pytest.raises(ValueError, match="keep_bytes"):
+        attnjax.tune_host_allocator(2**31)

@@ -29,10 +29,12 @@ from attnjax.kernels.pallas_attention import BlockSizes as PallasBlockSizes
 from attnjax.kernels.pallas_attention import pallas_attention
 from attnjax.kernels.reference import (
     MASK_VALUE,
+    masked_softmax,
     reference_attention,
     reference_attention_weights,
     reference_stats,
     visible_keys,
+    weighted_values,
 )
 from attnjax.kernels.stats import AttentionStats
 
@@ -43,6 +45,7 @@ __all__ = [
     "BlockwiseBlockSizes",
     "PallasBlockSizes",
     "attention",
+    "masked_softmax",
     "blockwise_attention",
     "pallas_attention",
     "reference_attention",
@@ -50,6 +53,7 @@ __all__ = [
     "reference_stats",
     "resolve_impl",
     "visible_keys",
+    "weighted_values",
 ]
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas")

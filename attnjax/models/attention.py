@@ -29,7 +29,7 @@ def full_attention(q, k, v, mask, *, causal: bool, scale: float):
     MASK_VALUE, probs there are exactly 0, and a row with no visible key is all zeros.
     """
     scores, probs = kernels.reference_attention_weights(q, k, mask, causal, scale)  # (B, N, T, T)
-    out = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)  # (B, T, N, H)
+    out = kernels.weighted_values(probs, v).astype(v.dtype)  # (B, T, N, H)
     return out, scores, probs
 
 
