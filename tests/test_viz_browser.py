@@ -163,3 +163,42 @@ def test_tooltips_show_hostile_tokens_as_text(chromium, tmp_path):
     path = tmp_path / "tooltip.html"
     path.write_text(with_probe(page, probe))
     assert browser.render(path, chromium=chromium).title == "tooltip text only shows token"
+
+
+def test_temperature_slider_recomputes_the_softmax_in_the_page(chromium, tmp_path):
+    logits = np.linspace(3.0, -3.0, 50)
+    top, normalizers = viz.next_token_frames(logits, lambda i: f" t{i}", k=5)
+    hottest = float(normalizers["temperature"].iloc[-1])
+    page = to_html(viz.next_token_explorer(top, normalizers), renderer="canvas")
+    probe = """
+      function firstBar() {
+        return findItems(views[0].scenegraph().root, function (item) {
+          return item.datum.rank === 1 && item.datum.probability !== undefined; }, [])[0].datum.probability; }
+      var before = firstBar();
+      var slider = document.querySelector('input[type=range]');
+      slider.value = slider.max;
+      slider.dispatchEvent(new Event('input', {bubbles: true}));
+      setTimeout(function () {
+        document.title = 'p ' + before.toFixed(5) + ' ' + firstBar().toFixed(5) + ' t ' + slider.value; }, 500);"""
+    path = tmp_path / "slider.html"
+    path.write_text(with_probe(page, probe))
+    title = browser.render(path, chromium=chromium).title
+    match = re.fullmatch(r"p ([0-9.]+) ([0-9.]+) t ([0-9.]+)", title)
+    assert match, title
+    before, after, shown_temperature = map(float, match.groups())
+
+    def softmax_top(t):
+        z = logits / t
+        return float(np.exp(z[0] - z.max()) / np.exp(z - z.max()).sum())
+
+    start = float(alt_default_temperature(normalizers))
+    assert shown_temperature == pytest.approx(hottest)
+    assert before == pytest.approx(softmax_top(start), abs=1e-5)
+    assert after == pytest.approx(softmax_top(hottest), abs=1e-5)
+    assert after < before  # a hotter softmax flattens the distribution
+
+
+def alt_default_temperature(normalizers):
+    """The slider's starting value as next_token_explorer picks it: 1.0, clamped to the grid."""
+    temps = normalizers["temperature"].to_numpy()
+    return min(max(1.0, temps[0]), temps[-1])
