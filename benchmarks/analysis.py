@@ -33,20 +33,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from forward import SENTENCES  # noqa: E402  (benchmarks/ is on the path when run as a script)
 from test_analysis_reference import SCORES, reference_head_scores, reference_similarity  # noqa: E402
 
 BATCH = 64
 LENGTH = 128
-SENTENCES = [
-    "The committee reviewed the proposal and asked for a revised budget before the next meeting.",
-    "Attention heads in small language models often specialise in positional patterns.",
-    "She walked along the river at dawn, counting herons and listening to the water.",
-    "A compiler turns source code into machine instructions through several passes.",
-    "The museum's new wing holds paintings from the seventeenth and eighteenth centuries.",
-    "Rain delayed the match, so the players waited in the pavilion drinking tea.",
-    "Gradient descent updates each weight in the direction that lowers the loss.",
-    "The old lighthouse keeper wrote letters to his daughter every Sunday evening.",
-]
 
 
 def texts():

@@ -12,7 +12,8 @@ Nothing here modifies a Trace: jax arrays are immutable, and token tuples are re
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -239,3 +240,19 @@ def validate_attention(trace: Trace, checks: Optional[dict] = None) -> None:
             f"Trace.attention puts weight {hidden:.3g} on {what}; attention must be 0 on keys the "
             "mask hides. Check that Trace.mask matches the forward's mask and Trace.causal the model."
         )
+
+
+def resolve_thresholds(cls, thresholds: Union[Any, Mapping[str, float], None], what: str):
+    """A thresholds dataclass ``cls`` from None (the defaults), an instance, or a mapping
+    of some of its fields to values (the rest default, each value takes its default's
+    type); unknown names are an error."""
+    if thresholds is None:
+        return cls()
+    if isinstance(thresholds, cls):
+        return thresholds
+    fields = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(thresholds) - fields)
+    if unknown:
+        raise ValueError(f"Unknown {what} thresholds {unknown}; valid names are {sorted(fields)}.")
+    defaults = cls()
+    return cls(**{name: type(getattr(defaults, name))(value) for name, value in thresholds.items()})

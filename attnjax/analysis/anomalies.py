@@ -45,7 +45,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from attnjax.analysis._common import ALL_HEADS, TraceOrTraces, as_traces, has_attention, layer_ids
+from attnjax.analysis._common import (
+    ALL_HEADS, TraceOrTraces, as_traces, has_attention, layer_ids, resolve_thresholds,
+)
 from attnjax.analysis._terms import CONCENTRATED_MASS, DECISIVE, LOCAL_WINDOW
 from attnjax.analysis.scores import head_scores
 from attnjax.analysis.similarity import layer_similarity
@@ -75,18 +77,6 @@ class AnomalyThresholds:
     layer_z: float = 3.5                 # robust z of a layer's divergence from its neighbours
 
 
-def resolve_anomaly_thresholds(thresholds) -> AnomalyThresholds:
-    if thresholds is None:
-        return AnomalyThresholds()
-    if isinstance(thresholds, AnomalyThresholds):
-        return thresholds
-    fields = {field.name for field in dataclasses.fields(AnomalyThresholds)}
-    unknown = sorted(set(thresholds) - fields)
-    if unknown:
-        raise ValueError(f"Unknown anomaly thresholds {unknown}; valid names are {sorted(fields)}.")
-    return AnomalyThresholds(**dict(thresholds))
-
-
 def detect_anomalies(
     trace: TraceOrTraces,
     thresholds=None,
@@ -108,7 +98,7 @@ def detect_anomalies(
     KINDS), score (float), threshold (float), flagged (bool), detail (str: why, in words).
     Definitions in the module docstring.
     """
-    limits = resolve_anomaly_thresholds(thresholds)
+    limits = resolve_thresholds(AnomalyThresholds, thresholds, "anomaly")
     traces = as_traces(trace)
     parameters = {"concentrated_mass": float(limits.concentrated_mass), "decisive": float(limits.decisive),
                   "local_window": int(limits.local_window)}

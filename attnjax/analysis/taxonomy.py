@@ -39,6 +39,8 @@ from typing import Mapping, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from attnjax.analysis._common import resolve_thresholds
+
 CATEGORIES: Tuple[str, ...] = (
     "previous-token", "next-token", "self", "sink", "sep", "punctuation",
     "induction", "duplicate", "broad", "local", "mixed",
@@ -76,18 +78,6 @@ _MASS_RULES = (
 ThresholdsLike = Union[HeadThresholds, Mapping[str, float], None]
 
 
-def resolve_thresholds(thresholds: ThresholdsLike) -> HeadThresholds:
-    if thresholds is None:
-        return HeadThresholds()
-    if isinstance(thresholds, HeadThresholds):
-        return thresholds
-    fields = {field.name for field in dataclasses.fields(HeadThresholds)}
-    unknown = sorted(set(thresholds) - fields)
-    if unknown:
-        raise ValueError(f"Unknown head thresholds {unknown}; valid names are {sorted(fields)}.")
-    return HeadThresholds(**{name: float(value) for name, value in thresholds.items()})
-
-
 def classify_heads(scores: pd.DataFrame, thresholds: ThresholdsLike = None) -> pd.DataFrame:
     """Add a category to every row of head_scores's output (a copy; the input is untouched).
 
@@ -98,7 +88,7 @@ def classify_heads(scores: pd.DataFrame, thresholds: ThresholdsLike = None) -> p
       "" for mixed), decision_score (float: that score's value, NaN for mixed),
       decision_threshold (float: the threshold it was compared with, NaN for mixed).
     """
-    limits = resolve_thresholds(thresholds)
+    limits = resolve_thresholds(HeadThresholds, thresholds, "head")
     missing = sorted({"normalized_entropy", "mean_distance"} - set(scores.columns))
     if missing:
         raise ValueError(f"classify_heads needs head_scores's columns; {missing} are missing.")
