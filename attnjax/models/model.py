@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.models.attention import AttentionImpl, stack_records
+from attnjax.models.attention import AttentionImpl, stack_layers, stack_records
 from attnjax.models.bert import BertConfig
 from attnjax.models.checkpoints import module_for
 from attnjax.models.gpt2 import GPT2Config
@@ -76,7 +76,7 @@ class Model:
             input_ids=input_ids,
             attention=stack_records(records, "attention"),
             scores=stack_records(records, "scores"),
-            hidden_states=jnp.stack(hidden_states) if capture.hidden_states else None,  # (L+1, B, T, D)
+            hidden_states=stack_layers(hidden_states) if capture.hidden_states else None,  # (L+1, B, T, D)
             attention_output=stack_records(records, "attention_output"),
             stats=stack_records(records, "stats"),
             layers=recorded if capture.records_layers else (),
