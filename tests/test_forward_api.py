@@ -114,6 +114,12 @@ def test_forward_rejects_bad_arrays(minilm):
     ids = np.array([[101, 2000, 102]], np.int32)
     with pytest.raises(ValueError, match=r"Token id 40000 is outside the vocabulary \(0..30521\)"):
         minilm.forward(minilm.params, np.array([[101, 40000, 102]], np.int32))
+    # jit_forward checks concrete inputs before tracing: inside jit the ids are abstract,
+    # and an out-of-range id would come back as NaN rather than an error.
+    with pytest.raises(ValueError, match=r"Token id 40000 is outside the vocabulary"):
+        minilm.jit_forward(minilm.params, np.array([[101, 40000, 102]], np.int32))
+    with pytest.raises(ValueError, match=r"Token id -1 is outside the vocabulary"):
+        minilm.jit_forward(minilm.params, np.array([[101, -1, 102]], np.int32))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 4\); it must match input_ids \(1, 3\)"):
         minilm.forward(minilm.params, ids, np.ones((1, 4), bool))
     with pytest.raises(ValueError, match=r"must be \(batch, seq\).*input_ids\[None\]"):

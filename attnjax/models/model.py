@@ -27,7 +27,7 @@ class Model:
 
     ``forward`` is a pure function of ``params`` and the inputs: jit it (capture and
     attention_impl static), vmap it, differentiate it. ``jit_forward`` is that jit,
-    made once per model.
+    compiled once per shape and capture, with the same input checks.
     """
 
     family: str
@@ -85,8 +85,23 @@ class Model:
         return output, trace
 
     @functools.cached_property
-    def jit_forward(self):
+    def _jitted_forward(self):
         return jax.jit(self.forward, static_argnames=("capture", "attention_impl"))
+
+    def jit_forward(self, params, input_ids, attention_mask=None, token_type_ids=None, *,
+                    capture: Optional[Capture] = None, attention_impl: AttentionImpl = "auto",
+                    inputs_embeds=None):
+        """``forward`` under jax.jit, compiled once per shape and capture.
+
+        Concrete inputs are checked here, before tracing (inside jit the values are
+        abstract, so an out-of-vocabulary id would otherwise read past the embedding
+        table and come back as NaN instead of an error).
+        """
+        if is_concrete(input_ids):
+            self.check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        return self._jitted_forward(params, input_ids, attention_mask, token_type_ids,
+                                    capture=capture, attention_impl=attention_impl,
+                                    inputs_embeds=inputs_embeds)
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds):
         """Shapes, dtypes and (when the values are concrete) ranges of the inputs."""
