@@ -91,16 +91,17 @@ def assert_stats_close(stats, expected, *, tol, probs):
         assert np.all(np.isfinite(np.asarray(getattr(stats, name)))), name
 
 
-def check_against_reference(impl_fn, q, k, v, mask, *, causal, pool, out_tol, stats_tol):
-    out, stats = impl_fn(q, k, v, mask=mask, causal=causal, stats=True, pool=pool)
-    out_ref, stats_ref = reference_attention(q, k, v, mask=mask, causal=causal, stats=True, pool=pool)
-    _, probs = reference_attention_weights(q, k, mask, causal)
+def check_against_reference(impl_fn, q, k, v, mask, *, causal, pool, out_tol, stats_tol, scale=None):
+    out, stats = impl_fn(q, k, v, mask=mask, causal=causal, stats=True, pool=pool, scale=scale)
+    out_ref, stats_ref = reference_attention(q, k, v, mask=mask, causal=causal, stats=True, pool=pool,
+                                             scale=scale)
+    _, probs = reference_attention_weights(q, k, mask, causal, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(out_ref, np.float64), err_msg="out", **out_tol)
     assert_stats_close(stats, stats_ref, tol=stats_tol, probs=probs)
     # Without stats the output is the same computation (a separately compiled kernel,
     # so equal up to rounding rather than bit for bit).
-    plain = impl_fn(q, k, v, mask=mask, causal=causal)
+    plain = impl_fn(q, k, v, mask=mask, causal=causal, scale=scale)
     np.testing.assert_allclose(np.asarray(plain, np.float64), np.asarray(out, np.float64), **out_tol)
 
 
@@ -232,6 +233,10 @@ PALLAS_CASES = [
     (100, 64, False, "full_row", 7, jnp.float32),
     (130, 128, True, "full_row", None, jnp.float32),
     (64, 64, False, "random", 4, jnp.bfloat16),
+    # bf16 at a length no tile divides, causal, with fully masked rows.
+    (77, 64, True, "full_row", 6, jnp.bfloat16),
+    # no mask at all (mask=None), a length of one partial block.
+    (20, 32, False, "none", 3, jnp.float32),
 ]
 
 
@@ -243,6 +248,16 @@ def test_pallas_matches_reference(length, head_dim, causal, padding, pool, dtype
     check_against_reference(pallas, q, k, v, mask, causal=causal, pool=pool,
                             out_tol=BF16_OUT_TOL if bf16 else F32_TOL,
                             stats_tol=BF16_STATS_TOL if bf16 else F32_TOL)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_default_scale_reaches_the_kernel(impl, causal):
+    # scale 0.37 is far from 1/sqrt(32) = 0.177: a kernel that ignored it would be off by O(1).
+    q, k, v, mask = make_inputs(31, 2, 45, 2, 32, padding="full_row", causal=causal)
+    fn = {"blockwise": blockwise, "pallas": pallas}[impl]
+    check_against_reference(fn, q, k, v, mask, causal=causal, pool=4, scale=0.37,
+                            out_tol=F32_TOL, stats_tol=F32_TOL)
 
 
 @pytest.mark.skipif(not ON_CPU, reason="float64 Pallas runs only in the interpreter")
@@ -400,6 +415,34 @@ def test_traced_scale_is_rejected():
     q = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(TypeError, match="scale"):
         jax.jit(lambda q, s: attention(q, q, q, scale=s))(q, 0.5)
+
+
+@pytest.mark.parametrize("flag", ["causal", "stats"])
+def test_traced_flags_are_rejected(flag):
+    q = jnp.zeros((1, 4, 1, 8))
+    with pytest.raises(TypeError, match=f"attention\\({flag}=...\\) must be a Python bool"):
+        jax.jit(lambda q, value: attention(q, q, q, **{flag: value}))(q, True)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 4, 2, 8), "batch"), ((1, 0, 2, 8), "seq"),
+                                        ((1, 4, 0, 8), "heads"), ((1, 4, 2, 0), "head_dim")])
+@pytest.mark.parametrize("impl", ["reference", "blockwise", "pallas"])
+def test_empty_axes_are_clear_errors(shape, axis, impl):
+    q = np.zeros(shape, np.float32)
+    with pytest.raises(ValueError, match=f"an empty {axis} axis"):
+        attention(q, q, q, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "blockwise", "pallas"])
+def test_statistics_carry_no_gradient_under_every_impl(impl):
+    # The kernels' VJPs cover the output only; the reference path matches them, so
+    # switching impl never changes a gradient.
+    q, k, v, mask = make_inputs(41, 1, 20, 2, 8, padding="random")
+
+    def entropy_sum(q):
+        return jnp.sum(attention(q, k, v, mask=mask, stats=True, impl=impl)[1].entropy)
+
+    np.testing.assert_array_equal(jax.grad(entropy_sum)(q), 0.0)
 
 
 # --------------------------------------------------------------------------- lowering for GPU and TPU

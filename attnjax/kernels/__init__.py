@@ -97,8 +97,11 @@ def _check_inputs(q, k, v, mask, scale, pool):
         if x.dtype != q.dtype:
             raise TypeError(f"attention: {name} has dtype {x.dtype} but q has {q.dtype}; cast them to one dtype.")
     batch, length = q.shape[0], q.shape[1]
-    if length < 1:
-        raise ValueError("attention: q has an empty sequence axis; expected seq >= 1.")
+    for axis, size in zip(("batch", "seq", "heads", "head_dim"), q.shape):
+        if size < 1:
+            raise ValueError(
+                f"attention: q has shape {tuple(q.shape)}, an empty {axis} axis; every axis of "
+                "(batch, seq, heads, head_dim) needs at least 1 element.")
     if mask is not None:
         if not hasattr(mask, "shape") or tuple(mask.shape) != (batch, length):
             got = tuple(mask.shape) if hasattr(mask, "shape") else type(mask).__name__
@@ -153,6 +156,11 @@ def attention(
     module docstring). "pallas" on CPU runs the Pallas interpreter (slow).
     """
     scale = _check_inputs(q, k, v, mask, scale, pool)
+    for flag, value in (("causal", causal), ("stats", stats)):
+        if not isinstance(value, (bool, numbers.Integral)):
+            raise TypeError(
+                f"attention({flag}=...) must be a Python bool (it is a static argument of the "
+                f"kernels); got {type(value).__name__}. Under jax.jit, mark it static.")
     if pool is not None and not stats:
         raise ValueError(f"attention(pool={pool}) needs stats=True: the pooled map is a statistic.")
     if callable(impl):
@@ -165,7 +173,13 @@ def attention(
     name = resolve_impl(impl, q.dtype)
     kwargs = dict(mask=mask, causal=bool(causal), scale=scale, stats=bool(stats), pool=pool)
     if name == "reference":
-        return reference_attention(q, k, v, **kwargs)
+        result = reference_attention(q, k, v, **kwargs)
+        if not stats:
+            return result
+        out, statistics = result
+        # Every implementation's statistics carry no gradient (the kernels' VJPs cover
+        # the output only), so the choice of impl never changes a gradient.
+        return out, jax.lax.stop_gradient(statistics)
     if name == "blockwise":
         return blockwise_attention(q, k, v, **kwargs)
     return pallas_attention(q, k, v, **kwargs)

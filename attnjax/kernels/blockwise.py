@@ -169,6 +169,7 @@ def _forward_group(q, k, v, key_vis, cfg: _Config):
     groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
+    stats_precision = lax.Precision.HIGHEST  # sums of float32 p: no TF32 or bf16 passes
     bq, bk = cfg.block_q, cfg.block_k
     num_key_blocks = -(-cfg.length // bk)
 
@@ -196,10 +197,10 @@ def _forward_group(q, k, v, key_vis, cfg: _Config):
             if cfg.stats:
                 # Weighted row sums as einsums: XLA:CPU reduces sum(a * b) of two
                 # tiles over an order of magnitude slower than the equivalent dot.
-                p_shifted = jnp.einsum("GQK,GQK->GQ", p, shifted, precision=precision)  # (g, bq)
+                p_shifted = jnp.einsum("GQK,GQK->GQ", p, shifted, precision=stats_precision)  # (g, bq)
                 entropy_sum = correction * (entropy_sum + (m - m_new) * l) + p_shifted  # (g, bq)
                 distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(acc)  # (bq, bk)
-                p_distance = jnp.einsum("GQK,QK->GQ", p, distance, precision=precision)  # (g, bq)
+                p_distance = jnp.einsum("GQK,QK->GQ", p, distance, precision=stats_precision)  # (g, bq)
                 distance_sum = correction * distance_sum + p_distance  # (g, bq)
                 # A masked score equals m_blk only when m_blk == MASK_VALUE < m: never kept.
                 # The search runs on float32 positions (exact below 2^24; a float min
@@ -273,6 +274,7 @@ def _backward_group(q, k, v, key_vis, out, lse, d_out, cfg: _Config):
     groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
+    stats_precision = lax.Precision.HIGHEST  # sums of float32 p: no TF32 or bf16 passes
     bq, bk = cfg.block_q, cfg.block_k
     num_query_blocks = -(-cfg.length // bq)
     delta = jnp.einsum("GTH,GTH->GT", out.astype(acc), d_out.astype(acc), precision=precision)  # (g, Tp)
@@ -372,6 +374,7 @@ def _column_group(q, k, key_vis, query_weight, lse, cfg: _Config, pool: Optional
     groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
+    stats_precision = lax.Precision.HIGHEST  # sums of float32 p: no TF32 or bf16 passes
     bq, bk, length = cfg.block_q, cfg.block_k, cfg.length
     num_query_blocks = -(-length // bq)
     local_bins = 0 if pool is None else min(pool, (bq - 1) * pool // length + 2)
@@ -395,14 +398,14 @@ def _column_group(q, k, key_vis, query_weight, lse, cfg: _Config, pool: Optional
             s = jnp.einsum("GKH,GQH->GKQ", k_blk, q_blk, precision=precision) * cfg.scale  # (g, bk, bq)
             p = jnp.exp(jnp.where(visible, s - lse_blk[:, None, :], MASK_VALUE))  # (g, bk, bq)
             if pool is None:
-                received = received + jnp.einsum("GKQ,Q->GK", p, weight_blk, precision=precision)  # (g, bk)
+                received = received + jnp.einsum("GKQ,Q->GK", p, weight_blk, precision=stats_precision)  # (g, bk)
                 return received, bin_sums
             # One matmul for both: the block's local bin one-hot plus the query weights.
             bins = jnp.where(query_pos < length, query_pos * pool // length, -1)  # (bq,)
             first = jnp.clip(i * bq * pool // length, 0, pool - local_bins)  # first bin this block can meet
             local = jax.nn.one_hot(bins - first, local_bins, dtype=acc)  # (bq, L); padding rows 0
             weights = jnp.concatenate([local, weight_blk[:, None]], axis=1)  # (bq, L + 1)
-            tile_sums = jnp.einsum("GKQ,QL->GKL", p, weights, precision=precision)  # (g, bk, L + 1)
+            tile_sums = jnp.einsum("GKQ,QL->GKL", p, weights, precision=stats_precision)  # (g, bk, L + 1)
             received = received + tile_sums[:, :, local_bins]  # (g, bk)
             current = lax.dynamic_slice_in_dim(bin_sums, first, local_bins, axis=2)  # (g, bk, L)
             bin_sums = lax.dynamic_update_slice_in_dim(
@@ -416,7 +419,7 @@ def _column_group(q, k, key_vis, query_weight, lse, cfg: _Config, pool: Optional
         if pool is not None:
             key_bins = jnp.where(key_pos < length, key_pos * pool // length, -1)  # (bk,)
             key_one_hot = jax.nn.one_hot(key_bins, pool, dtype=acc)  # (bk, P); padding rows 0
-            pooled = pooled + jnp.einsum("GKA,KC->GAC", bin_sums, key_one_hot, precision=precision)  # (g, P, P)
+            pooled = pooled + jnp.einsum("GKA,KC->GAC", bin_sums, key_one_hot, precision=stats_precision)  # (g, P, P)
         return pooled, received
 
     pooled0 = jnp.zeros((groups, pool, pool) if pool else (groups,), acc)  # (g, P, P)
