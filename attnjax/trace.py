@@ -40,6 +40,8 @@ class Capture:
     stats:            streaming AttentionStats per recorded layer (no T x T matrix).
     pool:             with ``stats``, also the P x P pooled attention map.
     layers:           which layers to record (0-based); None records every layer.
+                      Kept sorted and without repeats, so the L axis of every recorded
+                      array runs in model order: Capture(layers=(3, 1)).layers == (1, 3).
     """
 
     attention: bool = False
@@ -52,7 +54,9 @@ class Capture:
 
     def __post_init__(self):
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+            if not self.layers:
+                raise ValueError("Capture(layers=()) records no layer; pass None to record every layer.")
         if self.pool is not None:
             if not self.stats:
                 raise ValueError("Capture(pool=...) needs stats=True: pooled maps are a streaming statistic.")

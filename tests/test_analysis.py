@@ -292,6 +292,19 @@ def test_indices_out_of_range_are_errors(rng):
         analysis.layer_similarity(trace, metric="kl")
 
 
+def test_one_sequence_functions_refuse_a_list_of_traces(rng):
+    mask = np.ones((1, 4), bool)
+    attention, _ = random_attention(rng, 1, 1, 1, 4, mask)
+    trace = make_trace(attention, np.arange(4)[None])
+    for call, name in ((lambda t: analysis.rollout(t), "rollout"),
+                       (lambda t: analysis.rollout_frame(t), "rollout"),
+                       (lambda t: analysis.attention_flow(t), "attention_flow"),
+                       (lambda t: analysis.token_flow(t, 1), "token_flow"),
+                       (lambda t: analysis.compare(t, trace), "compare")):
+        with pytest.raises(TypeError, match=f"{name} takes one Trace \\(got list\\)"):
+            call([trace, trace])
+
+
 def test_gapped_layers_refuse_rollout(rng):
     mask = np.ones((1, 4), bool)
     attention, _ = random_attention(rng, 2, 1, 1, 4, mask)

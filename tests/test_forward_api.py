@@ -188,3 +188,19 @@ def test_tune_host_allocator_is_safe_to_call_and_keeps_results():
     np.testing.assert_array_equal(np.asarray(before.attention), np.asarray(after.attention))
     with pytest.raises(ValueError, match="keep_bytes"):
         attnjax.tune_host_allocator(2**31)
+
+
+def test_capture_layers_run_in_model_order(minilm):
+    # The L axis follows trace.layers; an unsorted or repeated selection would otherwise
+    # label one layer's maps as another's.
+    assert Capture(layers=(3, 1, 1)).layers == (1, 3)
+    text = "Layers are recorded in model order."
+    unsorted = attnjax.run(minilm, text, capture=Capture(attention=True, layers=(3, 1)))
+    every = attnjax.run(minilm, text, capture=Capture(attention=True))
+    assert unsorted.layers == (1, 3)
+    # Two differently compiled programs: equal up to float32 rounding; a swapped layer
+    # would be off by O(0.1).
+    np.testing.assert_allclose(np.asarray(unsorted.attention), np.asarray(every.attention)[[1, 3]],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"layers=\(\) records no layer"):
+        Capture(layers=())

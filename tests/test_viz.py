@@ -193,6 +193,24 @@ def test_pooled_frame_from_stats(stats_trace):
     assert "pooled 8 x 8" in json.dumps(spec["title"])
 
 
+def test_pooled_frame_leaves_out_padding_bins(minilm):
+    # "Hi there." is 5 tokens padded to the second text's length: with 8 bins over the
+    # padded length, the bins past its last real token hold only padding and are dropped.
+    batch = attnjax.run(minilm, ["Hi there.", TEXT], capture=attnjax.Capture(stats=True, pool=8))
+    frame = viz.attention_frame(batch, batch=0)
+    real = int(np.asarray(batch.mask[0]).sum())
+    last_real_bin = (real - 1) * 8 // batch.seq_len
+    assert sorted(frame["query"].unique()) == list(range(last_real_bin + 1))
+    assert sorted(frame["key"].unique()) == list(range(last_real_bin + 1))
+    assert len(frame) == 6 * 12 * (last_real_bin + 1) ** 2
+    assert not any("[PAD]" in label for label in frame["query_token"].unique())
+
+
+def test_overview_rejects_a_start_head_not_in_the_frame(frame):
+    with pytest.raises(ValueError, match=r"start=\(9, 0\).*layers \[0, 1, 2, 3, 4, 5\]"):
+        viz.model_overview(frame, start=(9, 0))
+
+
 def test_attention_frame_needs_maps_or_pooled_stats(stats_trace):
     bare = stats_trace.replace(stats=stats_trace.stats.replace(pooled=None))  # as Capture(stats=True) gives
     with pytest.raises(ValueError, match="no attention maps"):
@@ -303,6 +321,22 @@ def test_token_flow_chart(trace):
     assert len(rows_of(spec, rollout_unit)) == 6 * n  # the token's rollout row in every layer
     assert any(p["name"] == "flow_head" for p in spec["params"])
     assert "sat" in json.dumps(spec["title"])
+
+
+def test_token_flow_chart_draws_the_tokens_own_sequence(minilm):
+    batch = attnjax.run(minilm, [TEXT, "A second, different sentence about dogs."])
+    flow = analysis.token_flow(batch, 2, sequence=1)
+    every = analysis.rollout_frame(batch)
+    spec = chart_spec(viz.token_flow_chart(flow, every))
+    _, rollout_unit = list(units(spec))
+    drawn = pd.DataFrame(rows_of(spec, rollout_unit))
+    expected = every[(every["sequence"] == 1) & (every["query"] == 2)]
+    # The chart carries weights rounded to 4 significant digits, hence rtol 1e-3; sequence
+    # 0's row for query 2 differs from sequence 1's by far more than that.
+    np.testing.assert_allclose(np.sort(drawn["weight"].to_numpy()), np.sort(expected["weight"].to_numpy()),
+                               rtol=1e-3)
+    with pytest.raises(ValueError, match="no rows for query 2 of sequence 1"):
+        viz.token_flow_chart(flow, analysis.rollout_frame(batch, sequence=0))
 
 
 def test_anomaly_chart_marks_flagged_heads(heads):

@@ -43,6 +43,18 @@ LOW_PRECISION_ROW_SUM_ATOL = 2e-2
 ALL_HEADS = -1
 
 
+def as_single_trace(trace, function: str) -> Trace:
+    """``trace`` checked as one Trace: functions that follow one sequence take no corpus."""
+    if not isinstance(trace, Trace):
+        raise TypeError(
+            f"{function} takes one Trace (got {type(trace).__name__}); for several, call it "
+            "once per Trace. head_scores, layer_similarity, head_similarity, focus_by_layer and "
+            "detect_anomalies take a list of Traces as a corpus."
+        )
+    check_trace(trace)
+    return trace
+
+
 def as_traces(trace: TraceOrTraces) -> list:
     """One Trace or a sequence of them -> a non-empty list with compatible shapes."""
     traces = [trace] if isinstance(trace, Trace) else list(trace)

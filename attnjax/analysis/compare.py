@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from attnjax.analysis._common import as_traces, has_attention, layer_ids, validate_attention
+from attnjax.analysis._common import as_single_trace, has_attention, layer_ids, validate_attention
 from attnjax.analysis.scores import SCORE_COLUMNS, head_scores
 from attnjax.analysis.similarity import _pair_stat
 from attnjax.analysis.taxonomy import classify_heads
@@ -47,8 +47,8 @@ def compare(trace_a: Trace, trace_b: Trace, thresholds=None) -> pd.DataFrame:
     NaN when either Trace holds only stats); category_a, category_b (str) and
     category_changed (bool).
     """
-    as_traces(trace_a)
-    as_traces(trace_b)
+    as_single_trace(trace_a, "compare")
+    as_single_trace(trace_b, "compare")
     if layer_ids(trace_a) != layer_ids(trace_b) or trace_a.num_heads != trace_b.num_heads:
         raise ValueError(
             f"compare needs Traces of the same shape: trace_a holds layers {layer_ids(trace_a)} x "

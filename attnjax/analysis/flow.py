@@ -31,7 +31,7 @@ from attnjax.analysis import _maxflow
 from attnjax.analysis._common import (
     ALL_HEADS,
     TraceOrTraces,
-    as_traces,
+    as_single_trace,
     check_head,
     check_sequence,
     layer_ids,
@@ -82,7 +82,7 @@ def rollout(trace: Trace, residual: bool = True) -> jax.Array:
     that comes from input token j (definition in the module docstring). Rows of
     non-padding queries sum to 1; padding rows and columns are meaningless/zero.
     """
-    as_traces(trace)
+    as_single_trace(trace, "rollout")
     require_attention(trace, "rollout")
     _check_consecutive(trace, "rollout")
     validate_attention(trace)
@@ -161,7 +161,7 @@ def attention_flow(
     query_token (str), key_token (str), max_flow (float: the max-flow value, at most 1),
     flow (float: max_flow normalised to sum to 1 over keys).
     """
-    as_traces(trace)
+    as_single_trace(trace, "attention_flow")
     require_attention(trace, "attention_flow")
     _check_consecutive(trace, "attention_flow")
     check_sequence(trace, sequence)
@@ -248,7 +248,7 @@ def token_flow(
     rank (int: 1 = the most attended key in that layer/head), top (bool: rank <= top_k).
     One row per (layer, head or mean, visible key).
     """
-    as_traces(trace)
+    as_single_trace(trace, "token_flow")
     require_attention(trace, "token_flow")
     check_sequence(trace, sequence)
     if layer is not None:

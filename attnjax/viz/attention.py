@@ -159,6 +159,11 @@ def model_overview(
         tooltip += [alt.Tooltip(f"{c}:Q", format=".3f") for c in score_columns(extra) if c in grid.columns]
 
     first_layer, first_head = (int(layer_ids[0]), int(head_ids[0])) if start is None else map(int, start)
+    if first_layer not in set(map(int, layer_ids)) or first_head not in set(map(int, head_ids)):
+        raise ValueError(
+            f"model_overview(start={tuple(start)}): the frame holds layers "
+            f"{[int(i) for i in layer_ids]} and heads {[int(i) for i in head_ids]}; start from one of them."
+        )
     select = alt.selection_point(
         name="head_select", fields=["layer", "head"], on="click", clear=False, toggle=False,
         value=[{"layer": first_layer, "head": first_head}],

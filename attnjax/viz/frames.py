@@ -168,7 +168,14 @@ def _pooled_frame(trace: Trace, batch, layers, heads) -> pd.DataFrame:
     all_tokens = trace.tokens[batch] if trace.tokens is not None else tuple(
         f"#{int(i)}" for i in np.asarray(trace.input_ids[batch]))
     labels = pooled_labels(all_tokens, seq_len, bins)
-    frame = _long(maps, layer_ids, head_ids, range(bins), range(bins), labels, labels)
+    # Bins that hold only padding (the tail of a shorter sequence in a batch) are left
+    # out; a bin that mixes the last real tokens with padding stays.
+    real = np.asarray(trace.mask[batch], dtype=bool)                          # (T,)
+    assignment = (np.arange(seq_len) * bins) // seq_len                        # (T,)
+    kept = np.unique(assignment[real])                                         # (P',)
+    maps = maps[:, :, kept][:, :, :, kept]                                     # (L', H', P', P')
+    labels = tuple(labels[b] for b in kept)
+    frame = _long(maps, layer_ids, head_ids, kept, kept, labels, labels)
     frame.attrs["pooled"] = {"bins": int(bins), "tokens": int(full_token_count(trace, batch))}
     return frame
 

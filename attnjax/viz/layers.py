@@ -160,7 +160,17 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
                         "attnjax.analysis.rollout_frame(trace)")
         rows = rollout[rollout["query"] == position] if position is not None else rollout
         if "sequence" in rows.columns:
-            rows = rows[rows["sequence"] == rows["sequence"].iloc[0]]
+            # The token's own sequence: the flow frame names it; else the rollout's first.
+            sequence = int(raw["sequence"].iloc[0]) if "sequence" in raw.columns else (
+                int(rows["sequence"].iloc[0]) if not rows.empty else 0)
+            rows = rows[rows["sequence"] == sequence]
+        if rows.empty:
+            raise ValueError(
+                f"The rollout frame has no rows for query {position}"
+                + (f" of sequence {sequence}" if "sequence" in rollout.columns else "")
+                + "; build it from the same Trace, e.g. rollout_frame(trace, sequence=...) with "
+                "the token flow's sequence."
+            )
         lookup = alt.LookupData(inline([{"key": k, "token": t} for k, t in zip(key_ids, key_tokens)]),
                                 "key", ["token"])
         panels.append(
