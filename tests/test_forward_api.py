@@ -202,5 +202,5 @@ def test_capture_layers_run_in_model_order(minilm):
     # would be off by O(0.1).
     np.testing.assert_allclose(np.asarray(unsorted.attention), np.asarray(every.attention)[[1, 3]],
                                rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"layers=\(\) records no layer"):
+    with pytest.raises(ValueError, match=r"Capture\(layers=\(\)\) records no layer"):
         Capture(layers=())
