@@ -34,6 +34,7 @@ def run(
     *,
     capture: Optional[Capture] = None,
     max_length: Optional[int] = None,
+    pad_to: Optional[int] = None,
     attention_impl: AttentionImpl = "auto",
     return_output: bool = False,
 ):
@@ -42,10 +43,12 @@ def run(
     texts: a string, a list of strings, or for BERT (first, second) sentence pairs.
     capture: what to record; default attention probabilities and hidden states.
     max_length: truncate to this many tokens; without it an over-long text is an error.
+    pad_to: pad to at least this many positions, so that texts of different lengths
+    reuse one compiled forward (padding is masked; real tokens' numbers do not change).
     Returns the Trace, or (output, Trace) with return_output=True (GPT-2 logits, say).
     """
     capture = DEFAULT_CAPTURE if capture is None else capture
-    batch = tokenize(model, texts, max_length=max_length)
+    batch = tokenize(model, texts, max_length=max_length, pad_to=pad_to)
     output, trace = model.jit_forward(
         model.params, batch.input_ids, batch.attention_mask, batch.token_type_ids,
         capture=capture, attention_impl=attention_impl,

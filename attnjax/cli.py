@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 
 EXAMPLE_TEXT = Path(__file__).resolve().parent / "data" / "example.txt"
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+PROFILE_MIN_BUCKET = 32  # shortest padded length `attnjax profile` compiles for
 
 
 class InputError(Exception):
@@ -263,8 +264,11 @@ def run_profile(args) -> int:
     capture = Capture(stats=True)
     traces, truncated = [], 0
     for chunk in tqdm(chunks, desc="profile", unit="paragraph", file=sys.stderr):
-        truncated += int(count_tokens(model, chunk) > limit)
-        traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit))
+        count = count_tokens(model, chunk)
+        truncated += int(count > limit)
+        # Padding to a power-of-two bucket: a few compiled programs serve every length.
+        bucket = min(limit, max(PROFILE_MIN_BUCKET, 1 << (min(count, limit) - 1).bit_length()))
+        traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit, pad_to=bucket))
     scores = analysis.classify_heads(analysis.head_scores(traces))
     focus = analysis.focus_by_layer(traces)
     tokens = sum(int(t.mask.sum()) for t in traces)

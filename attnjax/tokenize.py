@@ -55,8 +55,13 @@ def encode_all(tokenizer, texts: list, **options) -> list:
     return [{name: batch[name][i] for name in batch.keys()} for i in range(len(texts))]
 
 
-def tokenize(model, texts, *, max_length: Optional[int] = None) -> Batch:
-    """Tokenise and pad on the right; too-long texts are an error unless max_length truncates."""
+def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional[int] = None) -> Batch:
+    """Tokenise and pad on the right; too-long texts are an error unless max_length truncates.
+
+    pad_to: pad the batch to at least this many positions (at most the model's), so
+    that texts of different lengths share one compiled program; padding is masked, so
+    the real tokens' numbers do not change.
+    """
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError(
@@ -90,6 +95,10 @@ def tokenize(model, texts, *, max_length: Optional[int] = None) -> Batch:
                for f in encoded]
 
     seq_len = max(len(ids) for ids, _ in encoded)
+    if pad_to is not None:
+        if not 1 <= pad_to <= limit:
+            raise ValueError(f"pad_to={pad_to} must be between 1 and the model's {limit} positions.")
+        seq_len = max(seq_len, pad_to)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = getattr(model.config, "eos_token_id", 0)

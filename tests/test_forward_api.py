@@ -204,3 +204,19 @@ def test_capture_layers_run_in_model_order(minilm):
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"Capture\(layers=\(\)\) records no layer"):
         Capture(layers=())
+
+
+def test_pad_to_keeps_the_real_tokens_numbers(minilm):
+    # Padding is masked: the statistics of real queries do not depend on it.
+    text = "Padding to a bucket must not change a thing."
+    plain = attnjax.run(minilm, text, capture=Capture(stats=True))
+    padded = attnjax.run(minilm, text, capture=Capture(stats=True), pad_to=64)
+    n = plain.seq_len
+    assert padded.seq_len == 64 and int(np.asarray(padded.mask).sum()) == n
+    # Different compiled shapes: equal up to float32 rounding.
+    np.testing.assert_allclose(np.asarray(padded.stats.entropy)[..., :n], np.asarray(plain.stats.entropy),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(padded.stats.received)[..., :n], np.asarray(plain.stats.received),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pad_to=600 must be between 1 and the model's 512 positions"):
+        attnjax.run(minilm, text, pad_to=600)
