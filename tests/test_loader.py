@@ -204,6 +204,8 @@ def test_layers_selection(gpt2_dir):
     _, full = model.forward(model.params, ids, capture=Capture(attention=True))
     _, one = model.forward(model.params, ids, capture=Capture(attention=True, layers=(1,)))
     assert one.layers == (1,) and one.attention.shape[0] == 1
-    np.testing.assert_array_equal(one.attention[0], full.attention[1])
+    # Equal up to float32 rounding (the two captures run differently fused programs);
+    # another layer's map would differ by O(0.1).
+    np.testing.assert_allclose(one.attention[0], full.attention[1], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="names layer 5, but the model has 2 layers"):
         model.forward(model.params, ids, capture=Capture(attention=True, layers=(5,)))

@@ -124,3 +124,18 @@ def test_gpt2_right_padding_does_not_change_real_tokens(tmp_path):
     alone, alone_trace = model.forward(model.params, ids[:, :4], capture=Capture(attention=True))
     assert_close(np.asarray(padded.logits)[:, :4], alone.logits, "logits")
     assert_close(np.asarray(padded_trace.attention)[..., :4, :4], alone_trace.attention, "attention")
+
+
+def test_layer_norm_keeps_precision_when_activations_share_a_large_offset(tmp_path):
+    # Residual streams often carry a large common offset (massive activations). A
+    # one-pass variance E[x^2] - E[x]^2 then cancels catastrophically (offset 50 cost
+    # ~1e-4 in the logits); the ports use the two-pass variance, as torch does.
+    hf_model = tiny_gpt2(tmp_path, with_tokenizer=False)
+    model = attnjax.load(tmp_path)
+    rng = np.random.default_rng(3)
+    embeds = (rng.normal(size=(1, 6, 32)) + 50.0).astype(np.float32)  # (B, T, D)
+    ids = np.zeros((1, 6), np.int32)
+    output, _ = model.forward(model.params, ids, inputs_embeds=embeds)
+    with torch.no_grad():
+        expected = hf_model(inputs_embeds=torch.tensor(embeds)).logits
+    assert_close(output.logits, expected, "logits with offset inputs")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from attnjax.models.attention import AttentionImpl, attend
-from attnjax.models.common import activation, reject_options, require
+from attnjax.models.common import Dense, LayerNorm, activation, reject_options, require
 from attnjax.trace import Capture
 
 
@@ -109,7 +109,7 @@ class BertEmbeddings(nn.Module):
             token_type_ids
         )  # (B, T, D)
         summed = inputs_embeds + positions[None] + types  # (B, T, D)
-        return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(summed)
+        return LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(summed)
 
 
 class BertSelfAttention(nn.Module):
@@ -120,9 +120,9 @@ class BertSelfAttention(nn.Module):
         c = self.config
         batch, seq_len, _ = x.shape
         split = lambda t: t.reshape(batch, seq_len, c.num_heads, c.head_dim)  # (B, T, N, H)
-        q = split(nn.Dense(c.hidden_size, name="query")(x))
-        k = split(nn.Dense(c.hidden_size, name="key")(x))
-        v = split(nn.Dense(c.hidden_size, name="value")(x))
+        q = split(Dense(c.hidden_size, name="query")(x))
+        k = split(Dense(c.hidden_size, name="key")(x))
+        v = split(Dense(c.hidden_size, name="value")(x))
         out, records = attend(
             q, k, v, mask, causal=False, scale=1.0 / math.sqrt(c.head_dim),
             capture=capture, record=record, impl=impl,
@@ -138,8 +138,8 @@ class BertResidualOutput(nn.Module):
     @nn.compact
     def __call__(self, x, residual):
         c = self.config
-        projected = nn.Dense(c.hidden_size, name="dense")(x)  # (B, T, D)
-        return projected, nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(projected + residual)
+        projected = Dense(c.hidden_size, name="dense")(x)  # (B, T, D)
+        return projected, LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(projected + residual)
 
 
 class BertAttention(nn.Module):
@@ -160,7 +160,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        return activation(c.hidden_act, "hidden_act")(nn.Dense(c.intermediate_size, name="dense")(x))
+        return activation(c.hidden_act, "hidden_act")(Dense(c.intermediate_size, name="dense")(x))
 
 
 class BertLayer(nn.Module):
@@ -196,7 +196,7 @@ class BertPooler(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return jnp.tanh(nn.Dense(self.config.hidden_size, name="dense")(x[:, 0]))  # (B, D)
+        return jnp.tanh(Dense(self.config.hidden_size, name="dense")(x[:, 0]))  # (B, D)
 
 
 class BertModule(nn.Module):

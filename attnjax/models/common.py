@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, Mapping
 
+import flax.linen as nn
 import jax
+from jax import lax
 
 # Hugging Face activation names -> the exact function transformers uses.
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -16,6 +18,14 @@ ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+
+
+# The layers every port builds from, set for float32 parity with PyTorch: full-precision
+# matmuls (no TF32 on GPU, no one-pass bf16 on TPU) and LayerNorm's two-pass variance
+# (Flax's default E[x^2] - E[x]^2 loses digits when activations share a large offset).
+MATMUL_PRECISION = lax.Precision.HIGHEST
+Dense = functools.partial(nn.Dense, precision=MATMUL_PRECISION)
+LayerNorm = functools.partial(nn.LayerNorm, use_fast_variance=False)
 
 
 class UnsupportedConfigError(ValueError):

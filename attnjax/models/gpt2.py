@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from attnjax.models.attention import AttentionImpl, attend
-from attnjax.models.common import activation, reject_options, require
+from attnjax.models.common import MATMUL_PRECISION, Dense, LayerNorm, activation, reject_options, require
 from attnjax.trace import Capture
 
 
@@ -115,7 +115,7 @@ class GPT2Attention(nn.Module):
     def __call__(self, x, mask, capture: Capture, record: bool, impl: AttentionImpl):
         c = self.config
         batch, seq_len, _ = x.shape
-        qkv = nn.Dense(3 * c.n_embd, name="c_attn")(x)  # (B, T, 3D)
+        qkv = Dense(3 * c.n_embd, name="c_attn")(x)  # (B, T, 3D)
         q, k, v = (
             t.reshape(batch, seq_len, c.n_head, c.head_dim)  # (B, T, N, H)
             for t in jnp.split(qkv, 3, axis=-1)
@@ -124,7 +124,7 @@ class GPT2Attention(nn.Module):
             q, k, v, mask, causal=True, scale=c.attention_scale(self.layer),
             capture=capture, record=record, impl=impl,
         )
-        projected = nn.Dense(c.n_embd, name="c_proj")(out.reshape(batch, seq_len, c.n_embd))  # (B, T, D)
+        projected = Dense(c.n_embd, name="c_proj")(out.reshape(batch, seq_len, c.n_embd))  # (B, T, D)
         if record and capture.attention_output:
             records["attention_output"] = projected
         return projected, records
@@ -137,9 +137,9 @@ class GPT2MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         hidden = activation(c.activation_function, "activation_function")(
-            nn.Dense(c.inner_size, name="c_fc")(x)
+            Dense(c.inner_size, name="c_fc")(x)
         )  # (B, T, I)
-        return nn.Dense(c.n_embd, name="c_proj")(hidden)  # (B, T, D)
+        return Dense(c.n_embd, name="c_proj")(hidden)  # (B, T, D)
 
 
 class GPT2Block(nn.Module):
@@ -150,10 +150,10 @@ class GPT2Block(nn.Module):
     def __call__(self, x, mask, capture, record, impl):
         c = self.config
         attended, records = GPT2Attention(c, self.layer, name="attn")(
-            nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")(x), mask, capture, record, impl
+            LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")(x), mask, capture, record, impl
         )
         x = x + attended  # (B, T, D)
-        x = x + GPT2MLP(c, name="mlp")(nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2")(x))
+        x = x + GPT2MLP(c, name="mlp")(LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2")(x))
         return x, records
 
 
@@ -180,9 +180,9 @@ class GPT2Module(nn.Module):
             hidden_states.append(x)
             if i in recorded_layers:
                 records.append(layer_records)
-        last = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")(x)  # (B, T, D)
+        last = LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")(x)  # (B, T, D)
         if c.tie_word_embeddings:
-            logits = wte.attend(last)  # (B, T, V)
+            logits = jnp.einsum("BTD,VD->BTV", last, wte.embedding, precision=MATMUL_PRECISION)  # (B, T, V)
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(last)  # (B, T, V)
+            logits = Dense(c.vocab_size, use_bias=False, name="lm_head")(last)  # (B, T, V)
         return GPT2Output(logits=logits, last_hidden_state=last), hidden_states, records
