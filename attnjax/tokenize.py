@@ -88,9 +88,16 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
     truncated = encode_all(tokenizer, [texts[i] for i in too_long], truncation=True, max_length=max_length)
     for i, features in zip(too_long, truncated):
         encoded[i] = features
+    special = set(tokenizer.all_special_ids)
     for i, features in enumerate(encoded):
-        if len(features["input_ids"]) == 0:
-            raise ValueError(f"Text {i} produced no tokens.")
+        ids = features["input_ids"]
+        if all(int(t) in special for t in ids):
+            raise ValueError(f"Text {i} produced no tokens besides special ones; give it some words.")
+        if len(ids) > cap:  # truncation cannot cut the special tokens
+            raise ValueError(
+                f"max_length={max_length} is too short: text {i} still has {len(ids)} tokens after "
+                "truncation (special tokens are never cut); pass a larger max_length."
+            )
     encoded = [(list(f["input_ids"]), list(f.get("token_type_ids") or [0] * len(f["input_ids"])))
                for f in encoded]
 
@@ -99,10 +106,11 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
         if not 1 <= pad_to <= limit:
             raise ValueError(f"pad_to={pad_to} must be between 1 and the model's {limit} positions.")
         seq_len = max(seq_len, pad_to)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = getattr(model.config, "eos_token_id", 0)
-    pad_text = tokenizer.pad_token or ""
+    # Padding is masked, so any id in the vocabulary serves: the pad token, else the
+    # end-of-text token (GPT-2 has no pad token), else 0.
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                   if t is not None and 0 <= t < model.config.vocab_size), 0)
+    pad_text = tokenizer.pad_token or tokenizer.eos_token or ""
     batch = len(encoded)
     input_ids = np.full((batch, seq_len), pad_id, dtype=np.int32)
     mask = np.zeros((batch, seq_len), dtype=bool)

@@ -126,7 +126,7 @@ def test_forward_rejects_bad_arrays(minilm):
         minilm.forward(minilm.params, ids[0])
     with pytest.raises(ValueError, match="sequence has 600 tokens, but .* 512 positions"):
         minilm.forward(minilm.params, np.ones((1, 600), np.int32))
-    with pytest.raises(ValueError, match="input_ids is empty"):
+    with pytest.raises(ValueError, match=r"input_ids has shape \(1, 0\)"):
         minilm.forward(minilm.params, np.ones((1, 0), np.int32))
     with pytest.raises(ValueError, match="inputs_embeds holds NaN"):
         minilm.forward(minilm.params, ids, inputs_embeds=np.full((1, 3, 384), np.nan, np.float32))
@@ -220,3 +220,18 @@ def test_pad_to_keeps_the_real_tokens_numbers(minilm):
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="pad_to=600 must be between 1 and the model's 512 positions"):
         attnjax.run(minilm, text, pad_to=600)
+
+
+def test_texts_that_truncation_cannot_fit_or_that_hold_no_words(minilm):
+    with pytest.raises(ValueError, match=r"max_length=1 is too short: text 0 still has \d+ tokens"):
+        attnjax.run(minilm, "hello world", max_length=1)
+    with pytest.raises(ValueError, match=r"max_length=2 is too short"):
+        attnjax.run(minilm, [("hello " * 600, "again")], max_length=2)
+    with pytest.raises(ValueError, match="Text 0 produced no tokens besides special ones"):
+        attnjax.run(minilm, "\u200b\u200b")  # zero-width spaces: no content tokens
+
+
+def test_int64_ids_are_range_checked_before_conversion(minilm):
+    # Without x64, jnp.asarray wraps int64 into int32: 2**33 + 5 would read as id 5.
+    with pytest.raises(ValueError, match=r"Token id 8589934597 is outside the vocabulary"):
+        minilm.forward(minilm.params, np.array([[101, 2**33 + 5, 102]], np.int64))

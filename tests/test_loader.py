@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -209,3 +210,75 @@ def test_layers_selection(gpt2_dir):
     np.testing.assert_allclose(one.attention[0], full.attention[1], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="names layer 5, but the model has 2 layers"):
         model.forward(model.params, ids, capture=Capture(attention=True, layers=(5,)))
+
+
+def test_half_precision_checkpoints_load_in_float32(tmp_path):
+    # Many hub checkpoints are bfloat16 or float16: upcast to float32, same numbers as
+    # the model upcast in torch (the rounding happened when the file was written).
+    hf_model = tiny_bert(tmp_path / "src")
+    ids = np.array([[1, 2, 3, 4]], np.int32)
+    for dtype in (torch.bfloat16, torch.float16):
+        directory = tmp_path / str(dtype).split(".")[-1]
+        hf_model.to(dtype).save_pretrained(directory)
+        model = attnjax.load(directory)
+        assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(model.params))
+        with torch.no_grad():
+            expected = hf_model.to(torch.float32)(input_ids=torch.tensor(ids).long()).last_hidden_state
+        np.testing.assert_allclose(forward_last(model, ids), expected.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def test_legacy_names_only_for_layer_norms(bert_dir, tmp_path):
+    def rename(tensors):
+        return {k.replace("attention.self.query.bias", "attention.self.query.beta"): v for k, v in tensors.items()}
+    with pytest.raises(CheckpointError, match=r"missing weight 'encoder\.layer\.0\.attention\.self\.query\.bias'"):
+        attnjax.load(copy_with(bert_dir, tmp_path, tensors=rename))
+
+
+def sharded(directory, tmp_path, index_text):
+    """A copy of ``directory`` whose weights sit in one shard behind the given index."""
+    tmp_path.mkdir()
+    for file in directory.iterdir():
+        if file.name != "model.safetensors":
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "model-00001-of-00001.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    (tmp_path / "model.safetensors.index.json").write_text(index_text)
+    return tmp_path
+
+
+def test_sharded_checkpoint_and_bad_indexes(bert_dir, tmp_path):
+    keys = load_file(str(bert_dir / "model.safetensors"))
+    good = json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}})
+    model = attnjax.load(sharded(bert_dir, tmp_path / "good", good))
+    ids = np.array([[3, 4, 5]], np.int32)
+    np.testing.assert_array_equal(forward_last(model, ids), forward_last(attnjax.load(bert_dir), ids))
+    for name, text, match in (("corrupt", "{not json", "is not a safetensors index"),
+                              ("no_map", "{}", "is not a safetensors index"),
+                              ("outside", json.dumps({"weight_map": {"x": "../elsewhere.safetensors"}}),
+                               "must be .safetensors files in")):
+        with pytest.raises(CheckpointError, match=match):
+            attnjax.load(sharded(bert_dir, tmp_path / name, text))
+
+
+@pytest.mark.parametrize("config, match", [
+    (lambda c: [c], "holds a JSON list"),
+    (lambda c: dict(c, num_attention_heads=0), "num_attention_heads=0; it must be a positive integer"),
+    (lambda c: dict(c, num_attention_heads="4"), "num_attention_heads='4'; it must be a positive integer"),
+])
+def test_malformed_config_is_named(bert_dir, tmp_path, config, match):
+    with pytest.raises((CheckpointError, UnsupportedConfigError), match=match):
+        attnjax.load(copy_with(bert_dir, tmp_path, config=config))
+
+
+def test_corrupt_tokenizer_is_a_checkpoint_error(gpt2_dir, tmp_path):
+    directory = copy_with(gpt2_dir, tmp_path)
+    (directory / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer files .* could not be read"):
+        attnjax.load(directory)
+
+
+def test_gpt2_without_a_usable_eos_id_still_pads(tmp_path):
+    # The padding id only has to exist in the vocabulary: it is masked.
+    tiny_gpt2(tmp_path, eos_token_id=None, bos_token_id=None)
+    model = attnjax.load(tmp_path)
+    trace = attnjax.run(model, ["The quick brown fox", "A cat"])
+    assert trace.batch_size == 2 and not np.asarray(trace.mask)[1].all()

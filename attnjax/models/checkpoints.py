@@ -115,9 +115,12 @@ def read_config(directory: Path) -> Dict[str, Any]:
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
     try:
-        return json.loads(config_path.read_text())
+        hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path} holds a JSON {type(hf).__name__}; expected an object of options.")
+    return hf
 
 
 def make_config(hf: Mapping[str, Any], directory: Path):
@@ -140,8 +143,7 @@ def read_tensors(directory: Path) -> Dict[str, np.ndarray]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [directory / shard for shard in shards]
+        files = shard_files(directory, index)
     else:
         pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in directory.glob(pattern))
         if pickles:
@@ -166,6 +168,28 @@ def read_tensors(directory: Path) -> Dict[str, np.ndarray]:
     return tensors
 
 
+def shard_files(directory: Path, index: Path) -> list:
+    """The shard files model.safetensors.index.json names, each inside ``directory``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{index} is not a safetensors index (expected JSON with a 'weight_map' of key -> "
+            f"shard file; {type(error).__name__}: {error}). Download or save the checkpoint again."
+        ) from None
+    root = directory.resolve()
+    files = []
+    for shard in shards:
+        file = (directory / str(shard)).resolve()
+        if file.parent != root or not file.name.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{index} names shard {shard!r}; shards must be .safetensors files in {directory} itself."
+            )
+        files.append(file)
+    return files
+
+
 def strip_prefix(tensors: Dict[str, np.ndarray], family: str) -> Dict[str, np.ndarray]:
     """Drop the task model's prefix ('bert.', 'transformer.') from base-model keys."""
     prefix = BASE_PREFIX[family]
@@ -180,14 +204,16 @@ def hf_name(path: Tuple[str, ...]) -> str:
     return module
 
 
-def leaf_candidates(leaf: str) -> Tuple[str, ...]:
-    """Checkpoint leaf names for a Flax leaf; gamma/beta are BERT's legacy LayerNorm names."""
+def leaf_candidates(path: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Checkpoint leaf names for a Flax parameter path; gamma/beta are old BERT
+    checkpoints' names for a LayerNorm's weight/bias, accepted there only."""
+    legacy = path[-2] == "LayerNorm"
     return {
         "kernel": ("weight",),
         "embedding": ("weight",),
-        "scale": ("weight", "gamma"),
-        "bias": ("bias", "beta"),
-    }[leaf]
+        "scale": ("weight", "gamma") if legacy else ("weight",),
+        "bias": ("bias", "beta") if legacy else ("bias",),
+    }[path[-1]]
 
 
 def needs_transpose(family: str, path: Tuple[str, ...]) -> bool:
@@ -229,7 +255,7 @@ def convert(family: str, config, tensors: Dict[str, np.ndarray], source: str = "
     params: Dict[str, Any] = {}
     for path, shape in expected_shapes(family, config).items():
         module = hf_name(path)
-        names = [f"{module}.{leaf}" for leaf in leaf_candidates(path[-1])]
+        names = [f"{module}.{leaf}" for leaf in leaf_candidates(path)]
         key = next((name for name in names if name in tensors), None)
         if key is None:
             raise CheckpointError(
@@ -244,15 +270,16 @@ def convert(family: str, config, tensors: Dict[str, np.ndarray], source: str = "
                 f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)}, but config.json "
                 f"implies {shape if not needs_transpose(family, path) else shape[::-1]}."
             )
-        if not np.issubdtype(value.dtype, np.floating):
+        if not jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16 included
             raise CheckpointError(f"{source}: weight {key!r} has dtype {value.dtype}, expected floats.")
+        value = value.astype(np.float32)  # float16 / bfloat16 checkpoints run in float32
         if not np.isfinite(value).all():
             raise CheckpointError(f"{source}: weight {key!r} holds NaN or inf values.")
         used.add(key)
         node = params
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = jnp.asarray(value, dtype=jnp.float32)
+        node[path[-1]] = jnp.asarray(value)
     check_leftovers(family, config, tensors, used, source)
     return params
 
@@ -285,7 +312,14 @@ def load_tokenizer(directory: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as error:  # a corrupt tokenizer.json, a missing vocab file, ...
+        raise CheckpointError(
+            f"The tokenizer files in {directory} could not be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); save the tokenizer "
+            "again, or remove its files to load the weights without a tokenizer."
+        ) from None
 
 
 def load_directory(directory: Path):

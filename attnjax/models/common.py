@@ -55,7 +55,13 @@ def reject_options(hf: Mapping[str, Any], family: str, rules: Mapping[str, Any])
             )
 
 
-def require(hf: Mapping[str, Any], option: str, family: str) -> Any:
+def require(hf: Mapping[str, Any], option: str, family: str) -> int:
+    """A size option the port cannot default (widths, depths, head counts): a positive int."""
     if option not in hf:
         raise UnsupportedConfigError(f"The {family} config.json has no {option!r}; is it a {family} checkpoint?")
-    return hf[option]
+    value = hf[option]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedConfigError(
+            f"The {family} config.json sets {option}={value!r}; it must be a positive integer."
+        )
+    return value

@@ -105,6 +105,16 @@ class Model:
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds):
         """Shapes, dtypes and (when the values are concrete) ranges of the inputs."""
+        if is_concrete(input_ids):
+            # Range-check before jnp.asarray: without x64 it would wrap int64 ids into int32.
+            ids = np.asarray(input_ids)
+            if ids.ndim == 2 and ids.size and np.issubdtype(ids.dtype, np.integer):
+                if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+                    bad = int(ids.max()) if ids.max() >= self.config.vocab_size else int(ids.min())
+                    raise ValueError(
+                        f"Token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
+                        "were these ids made by another model's tokenizer?"
+                    )
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(
@@ -114,22 +124,14 @@ class Model:
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integers; got {input_ids.dtype}.")
         batch, seq_len = input_ids.shape
-        if seq_len == 0:
-            raise ValueError("input_ids is empty (sequence length 0); give at least one token.")
+        if seq_len == 0 or batch == 0:
+            raise ValueError(f"input_ids has shape {(batch, seq_len)}; give at least one sequence of one token.")
         if seq_len > self.config.max_positions:
             raise ValueError(
                 f"The sequence has {seq_len} tokens, but {self.name or self.family} has "
                 f"{self.config.max_positions} positions. Truncate it (attnjax.run(..., "
                 f"max_length={self.config.max_positions})) or split the text."
             )
-        if is_concrete(input_ids):
-            ids = np.asarray(input_ids)
-            if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-                bad = int(ids.max()) if ids.max() >= self.config.vocab_size else int(ids.min())
-                raise ValueError(
-                    f"Token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
-                    "were these ids made by another model's tokenizer?"
-                )
         if attention_mask is None:
             mask = jnp.ones((batch, seq_len), dtype=bool)
         else:
