@@ -63,6 +63,11 @@ class Model:
         (position and segment embeddings are still added), e.g. to differentiate with
         respect to the input. BERT's output is BertOutput(last_hidden_state,
         pooler_output); GPT-2's is GPT2Output(logits, last_hidden_state).
+
+        Concrete inputs are checked (shapes, id and segment ranges) with a clear error.
+        Inside your own jax.jit or jax.vmap the ids are abstract and cannot be checked:
+        an out-of-vocabulary id then reads as a NaN embedding, so its sequence's outputs
+        come back NaN rather than wrong. ``jit_forward`` checks before tracing.
         """
         capture = Capture() if capture is None else capture
         input_ids, mask, token_type_ids = self.check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
