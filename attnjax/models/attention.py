@@ -70,6 +70,8 @@ def attend(
 
     ``record`` says whether this layer is among ``capture.layers``. Records hold
     ``attention`` / ``scores`` (B, N, T, T) and ``stats`` (AttentionStats) as asked.
+    Statistics come from the streaming kernel (``impl``), or, when the layer builds the
+    full matrix anyway, from that matrix (kernels.reference_stats).
 
     A callable ``impl`` is called as ``impl(q, k, v, mask=mask, causal=causal,
     scale=scale)`` and returns the output, or ``(output, probs)`` with probs
@@ -98,19 +100,22 @@ def attend(
             records["attention"] = probs
         return out, records
 
-    if wants_stats:
-        out, stats = kernels.attention(
-            q, k, v, mask=mask, causal=causal, scale=scale, stats=True,
-            pool=capture.pool, impl=impl,
-        )
-        records["stats"] = stats
     if wants_matrix:
         out, scores, probs = full_attention(q, k, v, mask, causal=causal, scale=scale)
         if capture.attention:
             records["attention"] = probs
         if capture.scores:
             records["scores"] = scores
-    if not (wants_stats or wants_matrix):
+        if wants_stats:
+            # The matrix exists anyway: read the statistics off it rather than run the
+            # kernel a second time (same definitions; no gradient, as from the kernels).
+            records["stats"] = jax.lax.stop_gradient(kernels.reference_stats(scores, probs, mask, capture.pool))
+    elif wants_stats:
+        out, records["stats"] = kernels.attention(
+            q, k, v, mask=mask, causal=causal, scale=scale, stats=True,
+            pool=capture.pool, impl=impl,
+        )
+    else:
         out = kernels.attention(q, k, v, mask=mask, causal=causal, scale=scale, impl=impl)
     return out, records
 
