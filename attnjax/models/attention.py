@@ -27,31 +27,33 @@ AttentionImpl = Union[str, Callable]
 DENSE_STEP_BYTES = 4 << 20
 
 
-def full_attention(q, k, v, mask, *, causal: bool, scale: float):
+def full_attention(q, k, v, mask, *, causal: bool, scale: float, keep_scores: bool = True):
     """Dense softmax attention that keeps the matrices (Hugging Face eager semantics).
 
     q, k, v: (B, T, N, H); mask: (B, T) bool. Returns out (B, T, N, H), scores and
     probs (B, N, T, T) as kernels.reference_attention_weights defines them: scores at
     invisible keys hold MASK_VALUE, probs there are exactly 0, and a row with no
-    visible key is all zeros. Works through the batch a few sequences at a time
-    (lax.map), which on CPU runs large batches about twice as fast as one big step.
+    visible key is all zeros; scores is None unless ``keep_scores``. Works through the
+    batch a few sequences at a time (lax.map), which on CPU runs large batches about
+    twice as fast as one big step.
     """
     batch, num_queries, heads, _ = q.shape
     matrix_bytes = heads * num_queries * k.shape[1] * 4
     step = max(1, DENSE_STEP_BYTES // matrix_bytes)
 
-    def one_step(args):
-        q_, k_, v_, mask_ = args  # one sequence each
-        scores, probs = kernels.reference_attention_weights(
-            q_[None], k_[None], mask_[None], causal, scale)  # (1, N, T, T)
-        out = kernels.weighted_values(probs, v_[None]).astype(v.dtype)  # (1, T, N, H)
-        return out[0], scores[0], probs[0]
+    def attend_dense(q_, k_, v_, mask_):
+        scores, probs = kernels.reference_attention_weights(q_, k_, mask_, causal, scale)  # (b, N, T, T)
+        out = kernels.weighted_values(probs, v_).astype(v.dtype)  # (b, T, N, H)
+        return out, (scores if keep_scores else None), probs
 
     if batch <= step:
-        scores, probs = kernels.reference_attention_weights(q, k, mask, causal, scale)  # (B, N, T, T)
-        out = kernels.weighted_values(probs, v).astype(v.dtype)  # (B, T, N, H)
-        return out, scores, probs
-    return jax.lax.map(one_step, (q, k, v, mask), batch_size=step)
+        return attend_dense(q, k, v, mask)
+
+    def one_sequence(args):  # lax.map vmaps this over `step` sequences at a time
+        out, scores, probs = attend_dense(*(x[None] for x in args))
+        return jax.tree.map(lambda x: x[0], (out, scores, probs))
+
+    return jax.lax.map(one_sequence, (q, k, v, mask), batch_size=step)
 
 
 def attend(
@@ -101,7 +103,8 @@ def attend(
         return out, records
 
     if wants_matrix:
-        out, scores, probs = full_attention(q, k, v, mask, causal=causal, scale=scale)
+        keep_scores = capture.scores or wants_stats
+        out, scores, probs = full_attention(q, k, v, mask, causal=causal, scale=scale, keep_scores=keep_scores)
         if capture.attention:
             records["attention"] = probs
         if capture.scores:
