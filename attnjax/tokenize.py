@@ -73,6 +73,8 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
     if max_length is not None:
         if not 1 <= max_length <= limit:
             raise ValueError(f"max_length={max_length} must be between 1 and the model's {limit} positions.")
+    if pad_to is not None and not 1 <= pad_to <= limit:
+        raise ValueError(f"pad_to={pad_to} must be between 1 and the model's {limit} positions.")
     if model.family == "gpt2" and any(isinstance(t, tuple) for t in texts):
         raise ValueError("Sentence pairs are a BERT input; give GPT-2 plain strings.")
 
@@ -101,11 +103,7 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
     encoded = [(list(f["input_ids"]), list(f.get("token_type_ids") or [0] * len(f["input_ids"])))
                for f in encoded]
 
-    seq_len = max(len(ids) for ids, _ in encoded)
-    if pad_to is not None:
-        if not 1 <= pad_to <= limit:
-            raise ValueError(f"pad_to={pad_to} must be between 1 and the model's {limit} positions.")
-        seq_len = max(seq_len, pad_to)
+    seq_len = max([len(ids) for ids, _ in encoded] + [pad_to or 0])
     # Padding is masked, so any id in the vocabulary serves: the pad token, else the
     # end-of-text token (GPT-2 has no pad token), else 0.
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
