@@ -373,6 +373,23 @@ def test_attention_dispatch_agrees_across_impls():
 def test_auto_picks_blockwise_on_cpu_and_pallas_on_accelerators():
     expected = "blockwise" if ON_CPU else "pallas"
     assert kernels.resolve_impl("auto") == expected
+    # On an accelerator this compiles every Pallas kernel (forward, statistics, backward).
+    assert kernels.resolve_impl("auto", jnp.float32, 64) == expected
+
+
+def test_auto_falls_back_to_blockwise_when_pallas_cannot_compile(monkeypatch):
+    # Pretend to be on a GPU: the Triton kernels cannot compile for the CPU device, as
+    # they would not on an unsupported GPU; "auto" must warn and still give the answer.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    kernels.pallas_compiles.cache_clear()
+    q, k, v, mask = make_inputs(51, 1, 20, 2, 8, padding="random")
+    try:
+        with pytest.warns(RuntimeWarning, match="do not compile on this gpu.*uses the XLA blockwise"):
+            assert kernels.resolve_impl("auto", jnp.float32, 8) == "blockwise"
+        out = attention(q, k, v, mask=mask, causal=True)  # checked once: no second warning needed
+    finally:
+        kernels.pallas_compiles.cache_clear()
+    np.testing.assert_allclose(out, reference_attention(q, k, v, mask=mask, causal=True), **F32_TOL)
 
 
 def test_custom_attention_function():

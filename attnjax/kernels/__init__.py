@@ -17,7 +17,9 @@ the statistics in ``attnjax.kernels.stats.AttentionStats``.
 
 from __future__ import annotations
 
+import functools
 import numbers
+import warnings
 from typing import Callable, Optional, Union
 
 import jax
@@ -61,10 +63,12 @@ _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 _MAX_BLOCK = 1024  # sequences are padded by less than this before positions are binned
 
 
-def resolve_impl(impl: str, dtype=jnp.float32) -> str:
+def resolve_impl(impl: str, dtype=jnp.float32, head_dim: Optional[int] = None) -> str:
     """The concrete implementation ``impl`` names here: "auto" is Pallas on GPU/TPU
     (except for float64 inputs, which the compiled kernels do not take) and blockwise
-    elsewhere."""
+    elsewhere. Given ``head_dim``, "auto" also checks once per process that the Pallas
+    kernels compile on this accelerator for that dtype and head size, and falls back to
+    blockwise with a warning if they do not."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention(impl={impl!r}) is not an implementation; expected one of "
@@ -72,8 +76,40 @@ def resolve_impl(impl: str, dtype=jnp.float32) -> str:
             "impl(q, k, v, mask=..., causal=..., scale=...).")
     if impl == "auto":
         accelerated = jax.default_backend() in _ACCELERATORS and jnp.dtype(dtype) != jnp.float64
+        if accelerated and head_dim is not None:
+            accelerated = pallas_compiles(jax.default_backend(), jnp.dtype(dtype).name, int(head_dim))
         return "pallas" if accelerated else "blockwise"
     return impl
+
+
+# Shape of the compile check: two sequence blocks' worth of tokens, a padding mask,
+# causal, statistics with a pooled map, and the backward kernels.
+_PROBE_LENGTH = 256
+
+
+@functools.lru_cache(maxsize=None)
+def pallas_compiles(backend: str, dtype: str, head_dim: int) -> bool:
+    """Whether every Pallas kernel (forward, statistics, backward) compiles here."""
+    spec = jax.ShapeDtypeStruct((1, _PROBE_LENGTH, 1, head_dim), jnp.dtype(dtype))
+    mask = jax.ShapeDtypeStruct((1, _PROBE_LENGTH), jnp.bool_)
+
+    def forward_and_grad(q, k, v, mask):
+        out, stats = pallas_attention(q, k, v, mask=mask, causal=True, stats=True, pool=4)
+        loss = lambda q, k, v: jnp.sum(pallas_attention(q, k, v, mask=mask, causal=True).astype(jnp.float32))
+        return out, stats, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    try:
+        jax.jit(forward_and_grad).lower(spec, spec, spec, mask).compile()
+        return True
+    except Exception as error:  # Triton/Mosaic refusing a tile, shared memory, an old GPU, ...
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        warnings.warn(
+            f"attnjax: the Pallas attention kernels do not compile on this {backend} for "
+            f"{dtype}, head_dim {head_dim} ({type(error).__name__}: {first_line}); "
+            "attention(impl='auto') uses the XLA blockwise kernels instead. Pass "
+            "impl='pallas' to see the full error.",
+            RuntimeWarning, stacklevel=3)
+        return False
 
 
 def _check_inputs(q, k, v, mask, scale, pool):
@@ -170,7 +206,7 @@ def attention(
                 "functions cannot produce stats (AttentionStats are computed inside attnjax's "
                 "own kernels). Use impl='auto', 'blockwise', 'pallas' or 'reference'.")
         return impl(q, k, v, mask=mask, causal=causal, scale=scale)
-    name = resolve_impl(impl, q.dtype)
+    name = resolve_impl(impl, q.dtype, q.shape[-1])
     kwargs = dict(mask=mask, causal=bool(causal), scale=scale, stats=bool(stats), pool=pool)
     if name == "reference":
         result = reference_attention(q, k, v, **kwargs)
