@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 from attnjax.models.attention import AttentionImpl
 from attnjax.models.checkpoints import load_directory, resolve
 from attnjax.models.model import Model
 from attnjax.tokenize import tokenize
-from attnjax.trace import Capture, Trace
+from attnjax.trace import Capture
 
 DEFAULT_CAPTURE = Capture(attention=True, hidden_states=True)
 

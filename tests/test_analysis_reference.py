@@ -185,7 +185,6 @@ def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.
     attention = np.asarray(attention, np.float64)
     mask = np.asarray(mask, bool)
     num_layers, batch, heads, seq, _ = attention.shape
-    position = np.arange(seq)
     ordered = np.sort(attention, axis=-1)
     top2 = ordered[..., -1] + ordered[..., -2]  # (L, B, H, T)
     argmax = attention.argmax(-1)  # (L, B, H, T)

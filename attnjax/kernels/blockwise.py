@@ -274,7 +274,6 @@ def _backward_group(q, k, v, key_vis, out, lse, d_out, cfg: _Config):
     groups, padded, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
     precision = matmul_precision(q.dtype)
-    stats_precision = lax.Precision.HIGHEST  # sums of float32 p: no TF32 or bf16 passes
     bq, bk = cfg.block_q, cfg.block_k
     num_query_blocks = -(-cfg.length // bq)
     delta = jnp.einsum("GTH,GTH->GT", out.astype(acc), d_out.astype(acc), precision=precision)  # (g, Tp)
