@@ -23,6 +23,18 @@ when other work shares the machine; CPU time is the steadier of the two there.
 
     python benchmarks/long_context.py                      # the table in RESULTS.md
     python benchmarks/long_context.py --lengths 2048 4096  # quicker
+
+Decoder section (``--decoder``): a whole model instead of one layer. Random weights
+with SmolLM-135M's shapes (hidden 576, 9 query heads, 3 kv heads, head_dim 64,
+intermediate 1536, vocabulary 49152, tied head; --layers of them, 4 by default,
+max_position_embeddings raised to 32768), written in Hugging Face layout
+(config.json + model.safetensors, built with numpy, no torch) and loaded with
+``attnjax.load``. Each T runs ``Capture(stats=True, pool=64)`` and the plain forward
+(``Capture()``), both with ``logits="none"``, in fresh subprocesses: peak RSS and
+time of each, with one dense (heads, T, T) float32 attention matrix per layer
+beside them for contrast.
+
+    python benchmarks/long_context.py --decoder --lengths 4096 16384 32768
 """
 
 from __future__ import annotations
@@ -110,9 +122,121 @@ def timing_child(args) -> dict:
     return {mode: dict(wall_s=min(walls[mode]), cpu_s=min(cpus[mode])) for mode in modes}
 
 
+# SmolLM-135M's shapes (HuggingFaceTB/SmolLM-135M config.json), positions raised so
+# one document of up to 32k tokens fits.
+SMOLLM_SHAPES = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=576,
+    num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+    vocab_size=49152, max_position_embeddings=32768, rms_norm_eps=1e-5,
+    rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=True,
+    bos_token_id=0, eos_token_id=0, torch_dtype="float32",
+)
+
+
+def write_decoder(directory: str, layers: int) -> None:
+    """A random SmolLM-135M-shaped Llama checkpoint (float32 safetensors) in directory."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    config = dict(SMOLLM_SHAPES, num_hidden_layers=layers)
+    rng = np.random.default_rng(0)
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    kv_width = config["num_key_value_heads"] * head_dim
+
+    def normal(*shape):
+        return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden),
+               "model.norm.weight": np.ones(hidden, np.float32)}
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        tensors.update({
+            prefix + "self_attn.q_proj.weight": normal(hidden, hidden),
+            prefix + "self_attn.k_proj.weight": normal(kv_width, hidden),
+            prefix + "self_attn.v_proj.weight": normal(kv_width, hidden),
+            prefix + "self_attn.o_proj.weight": normal(hidden, hidden),
+            prefix + "mlp.gate_proj.weight": normal(inner, hidden),
+            prefix + "mlp.up_proj.weight": normal(inner, hidden),
+            prefix + "mlp.down_proj.weight": normal(hidden, inner),
+            prefix + "input_layernorm.weight": np.ones(hidden, np.float32),
+            prefix + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+        })
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=1)
+    save_file(tensors, os.path.join(directory, "model.safetensors"))
+
+
+def decoder_child(args) -> dict:
+    """Load the decoder, run one mode at one length in this fresh process."""
+    import jax
+    import numpy as np
+
+    import attnjax
+    from attnjax import Capture
+
+    model = attnjax.load(args.model_dir)
+    ids = np.random.default_rng(1).integers(1, model.config.vocab_size, (1, args.length), dtype=np.int32)
+    mask = np.ones_like(ids, dtype=bool)
+    capture = Capture(stats=True, pool=args.pool) if args.mode == "stats" else Capture()
+    jax.block_until_ready(model.params)
+    baseline_mib = _rss_peak_mib()
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    output, trace = model.jit_forward(model.params, ids, mask, capture=capture, logits="none")
+    jax.block_until_ready((output, trace))
+    first_wall = time.perf_counter() - wall0
+    cpu1, wall1 = _cpu_seconds(), time.perf_counter()
+    output, trace = model.jit_forward(model.params, ids, mask, capture=capture, logits="none")
+    jax.block_until_ready((output, trace))
+    result = dict(peak_rss_mib=_rss_peak_mib(), baseline_rss_mib=baseline_mib,
+                  first_wall_s=first_wall, first_cpu_s=cpu1 - cpu0,
+                  wall_s=time.perf_counter() - wall1, cpu_s=_cpu_seconds() - cpu1)
+    if args.mode == "stats":
+        entropy = np.asarray(trace.stats.entropy)  # (L, B, H, T)
+        result["finite"] = bool(np.isfinite(entropy).all())
+        result["pooled_shape"] = list(trace.stats.pooled.shape)
+    return result
+
+
+def run_decoder(args, root) -> None:
+    import tempfile
+
+    directory = args.model_dir or tempfile.mkdtemp(prefix="attnjax-smollm-")
+    if not os.path.isfile(os.path.join(directory, "model.safetensors")):
+        write_decoder(directory, args.layers)
+    args.model_dir = directory
+    heads, layers = SMOLLM_SHAPES["num_attention_heads"], args.layers
+    print(f"# long_context --decoder: random SmolLM-135M shapes, {layers} layers, {heads} query heads / "
+          f"{SMOLLM_SHAPES['num_key_value_heads']} kv heads, float32, batch 1, causal, "
+          f"Capture(stats=True, pool={args.pool}) vs Capture(), logits='none'; second call timed")
+    print(f"# machine: {machine_description()}")
+    print()
+    header = ("| T | mode | wall s | CPU s | CPU x forward | first call s (compile + run) | peak RSS MiB "
+              "| RSS after load MiB | dense attention, one layer, f32 MiB |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for length in args.lengths:
+        dense_mib = heads * length * length * 4 / MIB
+        results = {}
+        for mode in ("forward", "stats"):
+            try:
+                results[mode] = _run(args, root, "decoder", "--length", str(length), "--mode", mode,
+                                     "--model-dir", directory)
+            except RuntimeError as error:
+                print(f"| {length} | {mode} | failed: {error} | | | | | | |", flush=True)
+                continue
+            result = results[mode]
+            ratio = (f"{result['cpu_s'] / results['forward']['cpu_s']:.2f}"
+                     if mode == "stats" and "forward" in results else "-")
+            print(f"| {length} | {mode} | {result['wall_s']:.1f} | {result['cpu_s']:.1f} | {ratio} "
+                  f"| {result['first_wall_s']:.1f} | {result['peak_rss_mib']:.0f} "
+                  f"| {result['baseline_rss_mib']:.0f} | {dense_mib:.0f} |", flush=True)
+
+
 def _run(args, root, *extra) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", *extra,
-               "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--batch", str(args.batch),
+               "--layers", str(args.layers), "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--batch", str(args.batch),
                "--pool", str(args.pool), "--repeats", str(args.repeats)]
     if args.causal:
         command.append("--causal")
@@ -151,16 +275,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-max", type=int, default=2048,
                         help="also run the dense reference at lengths up to this")
-    parser.add_argument("--child", choices=["memory", "timing"], help=argparse.SUPPRESS)
+    parser.add_argument("--decoder", action="store_true",
+                        help="profile a whole SmolLM-135M-shaped decoder instead of one layer")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (--decoder)")
+    parser.add_argument("--model-dir", help="reuse (or write) the random decoder checkpoint here")
+    parser.add_argument("--child", choices=["memory", "timing", "decoder"], help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.decoder and args.lengths == parser.get_default("lengths"):
+        args.lengths = [4096, 16384, 32768]
 
     if args.child == "memory":
         print(json.dumps(memory_child(args)))
         return
     if args.child == "timing":
         print(json.dumps(timing_child(args)))
+        return
+    if args.child == "decoder":
+        print(json.dumps(decoder_child(args)))
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if args.decoder:
+        run_decoder(args, root)
         return
 
     print(f"# long_context: batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, float32, "
@@ -172,7 +309,6 @@ def main() -> None:
               "| XLA temp MiB | dense (H,T,T) f32 MiB |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for length in args.lengths:
         dense_mib = args.batch * args.heads * length * length * 4 / MIB
         try:
