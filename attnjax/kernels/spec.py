@@ -28,6 +28,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Sequences are padded by less than this before positions are binned (pooled maps).
 MAX_BLOCK = 1024
@@ -87,6 +88,17 @@ def positions_visible(query_pos, key_pos, causal: bool, window: Optional[int]):
     return visible
 
 
+def _block_of(position, block: int):
+    """``position // block`` for a non-negative position (a Python or a traced int).
+    Traced positions use lax.div (truncation, equal to floor here): ``//`` adds sign
+    fix-ups that Mosaic does not lower for program ids off a TPU (Pallas kernels call
+    these ranges)."""
+    if isinstance(position, numbers.Integral):
+        return position // block
+    position = jnp.asarray(position)
+    return lax.div(position, jnp.asarray(block, position.dtype))
+
+
 def key_block_range(first_query, last_query, block_k: int, num_key_blocks, causal: bool,
                     window: Optional[int]):
     """[lower, upper) key blocks that can hold a key visible to queries
@@ -95,9 +107,9 @@ def key_block_range(first_query, last_query, block_k: int, num_key_blocks, causa
     lower = 0
     upper = num_key_blocks
     if causal:
-        upper = jnp.minimum(last_query // block_k + 1, num_key_blocks)
+        upper = jnp.minimum(_block_of(last_query, block_k) + 1, num_key_blocks)
     if window is not None:
-        lower = jnp.maximum(first_query - window + 1, 0) // block_k
+        lower = _block_of(jnp.maximum(first_query - window + 1, 0), block_k)
     return lower, upper
 
 
@@ -107,9 +119,9 @@ def query_block_range(first_key, last_key, block_q: int, num_query_blocks, causa
     lower = 0
     upper = num_query_blocks
     if causal:
-        lower = first_key // block_q
+        lower = _block_of(first_key, block_q)
     if window is not None:
-        upper = jnp.minimum((last_key + window - 1) // block_q + 1, num_query_blocks)
+        upper = jnp.minimum(_block_of(last_key + window - 1, block_q) + 1, num_query_blocks)
     return lower, upper
 
 
