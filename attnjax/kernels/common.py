@@ -95,7 +95,7 @@ def diagonal_masses(q, k, lse, key_ok, row_valid, spec: AttentionSpec):
     first_ok = jnp.broadcast_to(key_ok[..., :1], key_ok.shape)  # (..., T)
     prev_ok = jnp.pad(key_ok[..., :-1], [(0, 0)] * (key_ok.ndim - 1) + [(1, 0)])  # (..., T)
     if spec.window is not None:
-        position = jnp.arange(length)  # (T,)
+        position = jnp.arange(length).reshape((1,) * (first_ok.ndim - 1) + (length,))  # (1, ..., 1, T)
         first_ok = first_ok & (position < spec.window)  # (..., T)
         prev_ok = prev_ok & (spec.window >= 2)  # (..., T)
 
