@@ -60,6 +60,7 @@ from attnjax.kernels.reference import (
     matmul_precision,
     pool_bins,
 )
+from attnjax.kernels.spec import AttentionSpec, normalize
 from attnjax.kernels.stats import AttentionStats
 
 # Key position used as "no candidate" when searching a block for its first maximum.
@@ -446,8 +447,6 @@ def _columns(q, k, key_mask, query_weight, lse, cfg: _Config, pool: Optional[int
 # --------------------------------------------------------------------------- entry point
 
 
-@functools.partial(
-    jax.jit, static_argnames=("causal", "scale", "stats", "pool", "block_sizes"))
 def blockwise_attention(
     q: jax.Array,
     k: jax.Array,
@@ -456,9 +455,38 @@ def blockwise_attention(
     mask: Optional[jax.Array] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
     stats: bool = False,
     pool: Optional[int] = None,
     block_sizes: Optional[BlockSizes] = None,
+):
+    """Blockwise attention in XLA, O(T) memory. Same contract as ``reference_attention``."""
+    mask, spec = normalize(q, k, v, mask=mask, causal=causal, scale=scale, window=window,
+                           softcap=softcap, stats=stats, pool=pool)
+    return blockwise_core(q, k, v, mask, spec, block_sizes=block_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_sizes"))
+def blockwise_core(q, k, v, mask, spec: AttentionSpec, *, block_sizes: Optional[BlockSizes] = None):
+    """The blockwise implementation of a validated call (``spec.normalize``).
+
+    TEMPORARY: GQA repeats K/V and window/softcap run the reference; the blockwise
+    kernels for them are being written.
+    """
+    if spec.window is not None or spec.softcap is not None:
+        from attnjax.kernels.reference import reference_core
+        result = reference_core(q, k, v, mask, spec)
+        return result if not spec.stats else (result[0], lax.stop_gradient(result[1]))
+    if spec.groups > 1:
+        k = jnp.repeat(k, spec.groups, axis=2)
+        v = jnp.repeat(v, spec.groups, axis=2)
+    return _blockwise_mha(q, k, v, mask=mask, causal=spec.causal, scale=spec.scale, stats=spec.stats,
+                          pool=spec.pool, block_sizes=block_sizes)
+
+
+def _blockwise_mha(
+    q, k, v, *, mask, causal, scale, stats, pool, block_sizes,
 ):
     """Blockwise attention in XLA, O(T) memory. Same contract as ``reference_attention``.
 

@@ -1,14 +1,23 @@
 """Plain jnp softmax attention and its statistics: the truth every other kernel is tested against.
 
 Everything here builds the full (Tq, Tk) score matrix, so it is for small sizes only.
-Semantics (shared by every implementation in attnjax.kernels):
+Semantics (shared by every implementation in attnjax.kernels; ``attnjax.kernels.spec``
+validates them):
 
-- q, k, v are (batch, seq, heads, head_dim), as in ``jax.nn.dot_product_attention``;
+- q is (batch, seq, heads, head_dim) and k, v are (batch, seq, kv_heads, head_dim), as
+  in ``jax.nn.dot_product_attention``. Grouped-query attention: kv_heads divides heads
+  and query head h reads kv head ``h // (heads // kv_heads)`` (transformers'
+  repeat_kv); the repeated K/V are never built: the G query heads of one kv head are
+  stacked along the query axis of one matmul;
 - scores ``s_ik = scale * q_i . k_k`` with ``scale = 1 / sqrt(head_dim)`` by default;
+- ``softcap=c``: ``s <- c * tanh(s / c)`` before masking (Gemma 2); the statistics
+  and the recorded scores are the capped ones;
 - ``mask`` (batch, seq) marks real tokens (True / nonzero). A key whose mask is False
   is invisible to every query. Queries are never masked: a padding query still
   attends to the visible keys (its row is a normal softmax row);
 - ``causal``: key k is visible to query i only if k <= i (on top of the key mask);
+- ``window=W`` (with causal): key k is visible to query i only if i - W < k <= i,
+  the W most recent keys, the query itself included (Hugging Face's sliding window);
 - invisible scores hold the large finite ``MASK_VALUE`` (not -inf, which makes NaN
   in -inf - -inf and 0 * -inf); their probabilities are exactly 0;
 - a query with no visible key (a fully masked row) gets a zero output row, zero
@@ -16,8 +25,8 @@ Semantics (shared by every implementation in attnjax.kernels):
 
 Arithmetic runs in float32 (float64 for float64 inputs) with full-precision matmuls;
 the output is cast back to the input dtype. The statistics are the ones documented in
-``attnjax.kernels.stats.AttentionStats``; see ``reference_stats`` for how each is read
-off the full matrix.
+``attnjax.kernels.stats.AttentionStats`` (per query head); see ``reference_stats`` for
+how each is read off the full matrix.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnjax.kernels.spec import AttentionSpec, cap_scores, normalize, positions_visible
 from attnjax.kernels.stats import AttentionStats
 
 # Large finite negative logit for invisible keys (about -0.7 * float32 max, as in
@@ -52,20 +62,30 @@ def default_scale(head_dim: int) -> float:
 
 
 def visible_keys(mask: Optional[jax.Array], batch: int, num_queries: int, num_keys: int,
-                 causal: bool) -> jax.Array:
+                 causal: bool, window: Optional[int] = None) -> jax.Array:
     """(B, 1, Tq, Tk) bool: whether query i may attend to key k.
 
-    ``mask`` (B, Tk) bool or None (every key visible); ``causal`` adds k <= i.
+    ``mask`` (B, Tk) bool or None (every key visible); ``causal`` adds k <= i and
+    ``window=W`` adds i - W < k (``spec.positions_visible``).
     """
     if mask is None:
         mask = jnp.ones((batch, num_keys), dtype=bool)  # (B, Tk)
     visible = mask.astype(bool)[:, None, None, :]  # (B, 1, 1, Tk)
-    if causal:
-        query_pos = jnp.arange(num_queries)[:, None]  # (Tq, 1)
-        key_pos = jnp.arange(num_keys)[None, :]  # (1, Tk)
-        lower = key_pos <= query_pos  # (Tq, Tk)
-        visible = visible & lower[None, None]  # (B, 1, Tq, Tk)
+    query_pos = jnp.arange(num_queries)[:, None]  # (Tq, 1)
+    key_pos = jnp.arange(num_keys)[None, :]  # (1, Tk)
+    positional = positions_visible(query_pos, key_pos, causal, window)  # (Tq, Tk) or None
+    if positional is not None:
+        visible = visible & positional[None, None]  # (B, 1, Tq, Tk)
     return jnp.broadcast_to(visible, (batch, 1, num_queries, num_keys))  # (B, 1, Tq, Tk)
+
+
+def query_groups(q_heads_count: int, kv_heads_count: int) -> int:
+    """Query heads per kv head, G = Hq // Hkv; a clear error when Hkv does not divide Hq."""
+    if kv_heads_count < 1 or q_heads_count % kv_heads_count:
+        raise ValueError(
+            f"attention: q has {q_heads_count} heads and k/v have {kv_heads_count}; grouped-query "
+            f"attention needs the query heads to be a multiple of the kv heads.")
+    return q_heads_count // kv_heads_count
 
 
 def reference_attention_weights(
@@ -74,27 +94,37 @@ def reference_attention_weights(
     mask: Optional[jax.Array] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    *,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> Tuple[jax.Array, jax.Array]:
     """Scores and softmax probabilities of plain attention, the full matrices.
 
-    q, k: (B, T, N, H). mask: (B, T) bool (True at real tokens) or None.
-    Returns ``(scores, probs)``, each (B, N, Tq, Tk) in float32 (float64 for float64
-    inputs). ``scores`` is ``scale * q.k`` at visible keys and ``MASK_VALUE`` elsewhere;
-    ``probs`` is the softmax over keys, exactly 0 at invisible keys, and a row with no
-    visible key is all zeros.
+    q: (B, Tq, Hq, H); k: (B, Tk, Hkv, H) with Hkv dividing Hq (query head h reads kv
+    head h // (Hq // Hkv)). mask: (B, Tk) bool (True at real tokens) or None.
+    Returns ``(scores, probs)``, each (B, Hq, Tq, Tk), per query head, in float32
+    (float64 for float64 inputs). ``scores`` is ``scale * q.k`` (soft-capped with
+    ``softcap``) at visible keys and ``MASK_VALUE`` elsewhere; ``probs`` is the softmax
+    over keys, exactly 0 at invisible keys, and a row with no visible key is all zeros.
+    ``window`` and ``softcap`` as in the module docstring (a window assumes causal).
     """
     acc = accumulation_dtype(q.dtype)
-    batch, num_queries, _, head_dim = q.shape
-    num_keys = k.shape[1]
+    batch, num_queries, heads, head_dim = q.shape
+    num_keys, kv_heads = k.shape[1], k.shape[2]
+    groups = query_groups(heads, kv_heads)
     scale = default_scale(head_dim) if scale is None else float(scale)
-    visible = visible_keys(mask, batch, num_queries, num_keys, causal)  # (B, 1, Tq, Tk)
-    # Heads-major operands make both contractions plain batched matmuls, which XLA:CPU
-    # runs several times faster than the equivalent (B, T, N, H) einsums.
-    q_heads = jnp.swapaxes(q.astype(acc), 1, 2)  # (B, N, Tq, H)
-    k_heads = jnp.swapaxes(k.astype(acc), 1, 2)  # (B, N, Tk, H)
+    visible = visible_keys(mask, batch, num_queries, num_keys, causal, window)  # (B, 1, Tq, Tk)
+    # Heads-major operands make the contraction a plain batched matmul (several times
+    # faster on XLA:CPU than the (B, T, N, H) einsum). Under GQA the G query heads of a
+    # kv head are stacked along the query axis, so K is never repeated.
+    q_heads = jnp.swapaxes(q.astype(acc), 1, 2)  # (B, Hq, Tq, H)
+    q_heads = q_heads.reshape(batch, kv_heads, groups * num_queries, head_dim)  # (B, Hkv, G Tq, H)
+    k_heads = jnp.swapaxes(k.astype(acc), 1, 2)  # (B, Hkv, Tk, H)
     scores = jnp.matmul(q_heads, jnp.swapaxes(k_heads, -1, -2),
-                        precision=lax.Precision.HIGHEST) * scale  # (B, N, Tq, Tk)
-    scores = jnp.where(visible, scores, MASK_VALUE)  # (B, N, Tq, Tk)
+                        precision=lax.Precision.HIGHEST) * scale  # (B, Hkv, G Tq, Tk)
+    scores = scores.reshape(batch, heads, num_queries, num_keys)  # (B, Hq, Tq, Tk)
+    scores = cap_scores(scores, softcap)  # (B, Hq, Tq, Tk)
+    scores = jnp.where(visible, scores, MASK_VALUE)  # (B, Hq, Tq, Tk)
     return scores, masked_softmax(scores, visible)
 
 
@@ -110,12 +140,19 @@ def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
 
 
 def weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
-    """probs (B, N, Tq, Tk) times v (B, Tk, N, H) -> (B, Tq, N, H), in probs' dtype."""
-    v_heads = jnp.swapaxes(v.astype(probs.dtype), 1, 2)  # (B, N, Tk, H)
-    out = jnp.matmul(probs, v_heads, precision=lax.Precision.HIGHEST)  # (B, N, Tq, H)
-    return jnp.swapaxes(out, 1, 2)  # (B, Tq, N, H)
+    """probs (B, Hq, Tq, Tk) times v (B, Tk, Hkv, H) -> (B, Tq, Hq, H), in probs' dtype.
 
-
+    Query head h reads kv head h // (Hq // Hkv); the G probability rows of one kv head
+    are stacked into one matmul (V is never repeated).
+    """
+    batch, heads, num_queries, num_keys = probs.shape
+    kv_heads, head_dim = v.shape[2], v.shape[3]
+    groups = query_groups(heads, kv_heads)
+    v_heads = jnp.swapaxes(v.astype(probs.dtype), 1, 2)  # (B, Hkv, Tk, H)
+    stacked = probs.reshape(batch, kv_heads, groups * num_queries, num_keys)  # (B, Hkv, G Tq, Tk)
+    out = jnp.matmul(stacked, v_heads, precision=lax.Precision.HIGHEST)  # (B, Hkv, G Tq, H)
+    out = out.reshape(batch, heads, num_queries, head_dim)  # (B, Hq, Tq, H)
+    return jnp.swapaxes(out, 1, 2)  # (B, Tq, Hq, H)
 
 
 def pool_bins(length: int, pool: int) -> jax.Array:
@@ -180,6 +217,22 @@ def reference_stats(
     )
 
 
+def reference_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
+                   spec: AttentionSpec):
+    """The reference implementation of a validated call (``spec.normalize``).
+
+    Returns out (B, T, Hq, H) in q's dtype, or with ``spec.stats`` ``(out,
+    AttentionStats)`` read off the full matrix (differentiable; the front door stops
+    their gradient as the kernels do).
+    """
+    scores, probs = reference_attention_weights(
+        q, k, mask, spec.causal, spec.scale, window=spec.window, softcap=spec.softcap)  # (B, Hq, T, T) x2
+    out = weighted_values(probs, v).astype(q.dtype)  # (B, T, Hq, H)
+    if not spec.stats:
+        return out
+    return out, reference_stats(scores, probs, mask, spec.pool)
+
+
 def reference_attention(
     q: jax.Array,
     k: jax.Array,
@@ -188,16 +241,18 @@ def reference_attention(
     mask: Optional[jax.Array] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
     stats: bool = False,
     pool: Optional[int] = None,
 ):
-    """Dense softmax attention. q, k, v: (B, T, N, H); returns out (B, T, N, H) in q's dtype.
+    """Dense softmax attention. q: (B, T, Hq, H), k, v: (B, T, Hkv, H); returns out
+    (B, T, Hq, H) in q's dtype.
 
     With ``stats=True`` returns ``(out, AttentionStats)`` computed from the full matrix
     by ``reference_stats``. Differentiable with jax.grad (the statistics too).
+    Arguments are checked by ``spec.normalize``, as for ``attnjax.kernels.attention``.
     """
-    scores, probs = reference_attention_weights(q, k, mask, causal, scale)  # (B, N, Tq, Tk) x2
-    out = weighted_values(probs, v).astype(q.dtype)  # (B, T, N, H)
-    if not stats:
-        return out
-    return out, reference_stats(scores, probs, mask, pool)
+    mask, spec = normalize(q, k, v, mask=mask, causal=causal, scale=scale, window=window,
+                           softcap=softcap, stats=stats, pool=pool)
+    return reference_core(q, k, v, mask, spec)

@@ -27,23 +27,28 @@ AttentionImpl = Union[str, Callable]
 DENSE_STEP_BYTES = 4 << 20
 
 
-def full_attention(q, k, v, mask, *, causal: bool, scale: float, keep_scores: bool = True):
+def full_attention(q, k, v, mask, *, causal: bool, scale: float, keep_scores: bool = True,
+                   window: Optional[int] = None, softcap: Optional[float] = None):
     """Dense softmax attention that keeps the matrices (Hugging Face eager semantics).
 
-    q, k, v: (B, T, N, H); mask: (B, T) bool. Returns out (B, T, N, H), scores and
-    probs (B, N, T, T) as kernels.reference_attention_weights defines them: scores at
-    invisible keys hold MASK_VALUE, probs there are exactly 0, and a row with no
-    visible key is all zeros; scores is None unless ``keep_scores``. Works through the
-    batch a few sequences at a time (lax.map), which on CPU runs large batches about
-    twice as fast as one big step.
+    q: (B, T, Hq, H); k, v: (B, T, Hkv, H) with Hkv dividing Hq (query head h reads kv
+    head h // (Hq // Hkv); K/V are not repeated); mask: (B, T) bool. Returns out
+    (B, T, Hq, H), scores and probs (B, Hq, T, T), per query head, as
+    kernels.reference_attention_weights defines them: scores are the scaled (and, with
+    ``softcap``, capped) ones and hold MASK_VALUE at invisible keys (outside the mask,
+    above the diagonal under causal, outside the ``window``), probs there are exactly
+    0, and a row with no visible key is all zeros; scores is None unless
+    ``keep_scores``. Works through the batch a few sequences at a time (lax.map), which
+    on CPU runs large batches about twice as fast as one big step.
     """
     batch, num_queries, heads, _ = q.shape
     matrix_bytes = heads * num_queries * k.shape[1] * 4
     step = max(1, DENSE_STEP_BYTES // matrix_bytes)
 
     def attend_dense(q_, k_, v_, mask_):
-        scores, probs = kernels.reference_attention_weights(q_, k_, mask_, causal, scale)  # (b, N, T, T)
-        out = kernels.weighted_values(probs, v_).astype(v.dtype)  # (b, T, N, H)
+        scores, probs = kernels.reference_attention_weights(
+            q_, k_, mask_, causal, scale, window=window, softcap=softcap)  # (b, Hq, T, T)
+        out = kernels.weighted_values(probs, v_).astype(v.dtype)  # (b, T, Hq, H)
         return out, (scores if keep_scores else None), probs
 
     if batch <= step:
@@ -67,22 +72,34 @@ def attend(
     capture: Capture,
     record: bool,
     impl: AttentionImpl = "auto",
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[jax.Array, Dict[str, jax.Array]]:
-    """One layer's attention. Returns (out (B, T, N, H), records for this layer).
+    """One layer's attention. Returns (out (B, T, Hq, H), records for this layer).
+
+    q: (B, T, Hq, H); k, v: (B, T, Hkv, H), Hkv dividing Hq (grouped-query attention:
+    query head h reads kv head h // (Hq // Hkv), as transformers' repeat_kv; K/V are
+    never repeated). ``window=W`` (with causal): query i sees keys i - W < j <= i
+    (Mistral / Gemma 2 sliding windows). ``softcap=c``: scores become c tanh(s / c)
+    before masking (Gemma 2's attn_logit_softcapping). Semantics in
+    ``attnjax.kernels.spec``; the arguments are checked there.
 
     ``record`` says whether this layer is among ``capture.layers``. Records hold
-    ``attention`` / ``scores`` (B, N, T, T) and ``stats`` (AttentionStats) as asked.
-    Statistics come from the streaming kernel (``impl``), or, when the layer builds the
-    full matrix anyway, from that matrix (kernels.reference_stats).
+    ``attention`` / ``scores`` (B, Hq, T, T), per query head (scores capped and scaled,
+    MASK_VALUE where invisible), and ``stats`` (AttentionStats, per query head) as
+    asked. Statistics come from the streaming kernel (``impl``), or, when the layer
+    builds the full matrix anyway, from that matrix (kernels.reference_stats).
 
     A callable ``impl`` is called as ``impl(q, k, v, mask=mask, causal=causal,
-    scale=scale)`` and returns the output, or ``(output, probs)`` with probs
-    (B, N, T, T): probs are required to capture ``attention`` through it. Scores
-    and streaming statistics are defined by attnjax's own kernels only.
+    scale=scale)``, with ``window=`` / ``softcap=`` added only when they are set, and
+    returns the output, or ``(output, probs)`` with probs (B, Hq, T, T): probs are
+    required to capture ``attention`` through it. Scores and streaming statistics are
+    defined by attnjax's own kernels only.
     """
     records: Dict[str, jax.Array] = {}
     wants_matrix = record and capture.needs_matrix
     wants_stats = record and capture.stats
+    options = dict(window=window, softcap=softcap)
 
     if callable(impl):
         if wants_stats or (record and capture.scores):
@@ -91,7 +108,8 @@ def attend(
                 "Capture(scores=...); capture attention=True (return (out, probs) from "
                 "your function) or use attention_impl='auto'."
             )
-        result = impl(q, k, v, mask=mask, causal=causal, scale=scale)
+        extra = {name: value for name, value in options.items() if value is not None}
+        result = impl(q, k, v, mask=mask, causal=causal, scale=scale, **extra)
         out, probs = result if isinstance(result, tuple) else (result, None)
         if record and capture.attention:
             if probs is None:
@@ -103,8 +121,12 @@ def attend(
         return out, records
 
     if wants_matrix:
+        # The dense path validates like the kernels' front door (one set of rules).
+        mask, spec = kernels.normalize(q, k, v, mask=mask, causal=causal, scale=scale, **options)
         keep_scores = capture.scores or wants_stats
-        out, scores, probs = full_attention(q, k, v, mask, causal=causal, scale=scale, keep_scores=keep_scores)
+        out, scores, probs = full_attention(
+            q, k, v, mask, causal=spec.causal, scale=spec.scale, keep_scores=keep_scores,
+            window=spec.window, softcap=spec.softcap)
         if capture.attention:
             records["attention"] = probs
         if capture.scores:
@@ -116,10 +138,10 @@ def attend(
     elif wants_stats:
         out, records["stats"] = kernels.attention(
             q, k, v, mask=mask, causal=causal, scale=scale, stats=True,
-            pool=capture.pool, impl=impl,
+            pool=capture.pool, impl=impl, **options,
         )
     else:
-        out = kernels.attention(q, k, v, mask=mask, causal=causal, scale=scale, impl=impl)
+        out = kernels.attention(q, k, v, mask=mask, causal=causal, scale=scale, impl=impl, **options)
     return out, records
 
 
