@@ -4,12 +4,16 @@
     model = attnjax.load("minilm")
     trace = attnjax.run(model, "The cat sat on the mat.")
     trace.attention.shape   # (layers, batch, heads, query, key)
+
+Decoders (GPT-2, and llama / mistral / qwen2 / qwen3 / gemma / gemma2 directories)
+load the same way; ``attnjax.load(path, dtype="bfloat16")`` halves a decoder's memory,
+and ``model.forward(..., logits="last" | "none")`` avoids (T, vocab) logits.
 """
 
 from attnjax.api import load, run
 from attnjax.cache import enable_compilation_cache, tune_host_allocator
 from attnjax.kernels.stats import AttentionStats
-from attnjax.models import CheckpointError, Model, UnsupportedConfigError
+from attnjax.models import CheckpointError, Model, UnsupportedConfigError, is_decoder
 from attnjax.tokenize import Batch, tokenize
 from attnjax.trace import Capture, Trace
 
@@ -18,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats", "Batch", "Capture", "CheckpointError", "Model", "Trace",
     "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
-    "tune_host_allocator",
+    "is_decoder", "tune_host_allocator",
 ]

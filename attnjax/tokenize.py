@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from attnjax.models.common import is_decoder
+
 Text = Union[str, Tuple[str, str]]
 
 
@@ -34,8 +36,9 @@ def as_list(texts) -> list:
 
 
 def display_tokens(tokenizer, family: str, ids: Sequence[int]) -> Tuple[str, ...]:
-    """Readable token strings: WordPiece pieces for BERT, decoded bytes for GPT-2."""
-    if family == "gpt2":
+    """Readable token strings: WordPiece pieces for BERT; for the decoders (GPT-2,
+    Llama-like) each id decoded on its own, so byte-level pieces read as text."""
+    if is_decoder(family):
         return tuple(tokenizer.decode([int(i)]) for i in ids)
     return tuple(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
 
@@ -75,8 +78,8 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
             raise ValueError(f"max_length={max_length} must be between 1 and the model's {limit} positions.")
     if pad_to is not None and not 1 <= pad_to <= limit:
         raise ValueError(f"pad_to={pad_to} must be between 1 and the model's {limit} positions.")
-    if model.family == "gpt2" and any(isinstance(t, tuple) for t in texts):
-        raise ValueError("Sentence pairs are a BERT input; give GPT-2 plain strings.")
+    if is_decoder(model.family) and any(isinstance(t, tuple) for t in texts):
+        raise ValueError(f"Sentence pairs are a BERT input; give {model.family} plain strings.")
 
     cap = max_length if max_length is not None else limit
     encoded = encode_all(tokenizer, texts, truncation=False)
@@ -105,7 +108,8 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
 
     seq_len = max([len(ids) for ids, _ in encoded] + [pad_to or 0])
     # Padding is masked, so any id in the vocabulary serves: the pad token, else the
-    # end-of-text token (GPT-2 has no pad token), else 0.
+    # end-of-text token (GPT-2 and Llama have no pad token), else 0. Special tokens
+    # (a decoder's BOS) come from the tokenizer's own post-processor, never added here.
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                    if t is not None and 0 <= t < model.config.vocab_size), 0)
     pad_text = tokenizer.pad_token or tokenizer.eos_token or ""

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import attnjax
 from attnjax import Capture, CheckpointError, UnsupportedConfigError
+from tests.tiny_decoders import tiny_decoder
 from tests.tiny_models import tiny_bert, tiny_gpt2
 
 
@@ -32,6 +33,15 @@ def gpt2_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gpt2")
     tiny_gpt2(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def llama_dirs(tmp_path_factory):
+    """A tied (MQA) and an untied (GQA) Llama, saved as LlamaForCausalLM ('model.' keys)."""
+    tied, untied = tmp_path_factory.mktemp("llama_tied"), tmp_path_factory.mktemp("llama_untied")
+    tiny_decoder(tied, "llama-mqa-linear-tied", with_tokenizer=False)
+    tiny_decoder(untied, "llama-gqa-llama3", with_tokenizer=False)
+    return tied, untied
 
 
 def copy_with(directory, tmp_path, *, tensors=None, config=None):
@@ -154,8 +164,8 @@ def test_unsupported_activation(gpt2_dir, tmp_path):
 
 
 def test_unsupported_model_type(bert_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="model_type='llama'"):
-        attnjax.load(copy_with(bert_dir, tmp_path, config=lambda c: dict(c, model_type="llama")))
+    with pytest.raises(CheckpointError, match="model_type='t5'; attnjax ports 'bert', 'gpt2', 'llama'"):
+        attnjax.load(copy_with(bert_dir, tmp_path, config=lambda c: dict(c, model_type="t5")))
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
@@ -282,3 +292,61 @@ def test_gpt2_without_a_usable_eos_id_still_pads(tmp_path):
     model = attnjax.load(tmp_path)
     trace = attnjax.run(model, ["The quick brown fox", "A cat"])
     assert trace.batch_size == 2 and not np.asarray(trace.mask)[1].all()
+
+
+def subdir(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+def test_decoder_rope_buffers_and_task_prefix(llama_dirs, tmp_path):
+    """Old checkpoints carry rotary_emb.inv_freq buffers: skipped (attnjax computes the
+    frequencies from config.json); a bare LlamaModel file (no 'model.' prefix) loads too."""
+    tied, _ = llama_dirs
+    def add_buffers(tensors):
+        return dict(tensors, **{"model.rotary_emb.inv_freq": np.ones(4, np.float32),
+                                "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
+    ids = np.array([[1, 2, 3]], np.int32)
+    expected = forward_last(attnjax.load(tied), ids)
+    np.testing.assert_array_equal(forward_last(attnjax.load(copy_with(tied, subdir(tmp_path, "a"), tensors=add_buffers)), ids),
+                                  expected)
+    bare = {key.removeprefix("model."): value for key, value in load_file(str(tied / "model.safetensors")).items()}
+    np.testing.assert_array_equal(forward_last(attnjax.load(copy_with(tied, subdir(tmp_path, "b"), tensors=lambda t: bare)), ids),
+                                  expected)
+
+
+def test_decoder_tied_head_copy_must_equal_the_embeddings(llama_dirs, tmp_path):
+    tied, _ = llama_dirs
+    def with_head(tensors, offset):
+        return dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"] + offset})
+    attnjax.load(copy_with(tied, subdir(tmp_path, "same"), tensors=lambda t: with_head(t, 0.0)))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from embed_tokens.weight"):
+        attnjax.load(copy_with(tied, subdir(tmp_path, "other"), tensors=lambda t: with_head(t, 1.0)))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"}, r"missing weight 'lm_head\.weight'"),
+    (lambda t: {k: v for k, v in t.items() if k != "model.layers.1.self_attn.k_proj.weight"},
+     r"missing weight 'layers\.1\.self_attn\.k_proj\.weight'"),
+    (lambda t: dict(t, **{"model.layers.0.mlp.gate_proj.bias": np.zeros(48, np.float32)}),
+     r"unexpected weight 'layers\.0\.mlp\.gate_proj\.bias'"),
+    (lambda t: dict(t, **{"model.layers.0.self_attn.k_proj.weight": t["model.layers.0.self_attn.k_proj.weight"][:16]}),
+     r"'layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\).*\(32, 64\)"),
+    (lambda t: dict(t, **{"model.norm.weight": np.full_like(t["model.norm.weight"], np.inf)}),
+     r"'norm\.weight' holds NaN or inf"),
+])
+def test_decoder_loading_is_strict(llama_dirs, tmp_path, edit, match):
+    _, untied = llama_dirs
+    with pytest.raises(CheckpointError, match=match):
+        attnjax.load(copy_with(untied, tmp_path, tensors=edit))
+
+
+def test_decoder_dtype_option(llama_dirs, gpt2_dir):
+    tied, _ = llama_dirs
+    model = attnjax.load(tied, dtype=jax.numpy.bfloat16)
+    assert model.config.dtype == "bfloat16"
+    assert {leaf.dtype for leaf in jax.tree.leaves(model.params)} == {jax.numpy.dtype("bfloat16")}
+    with pytest.raises(ValueError, match="gpt2 checkpoints load in float32 only"):
+        attnjax.load(gpt2_dir, dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"dtype='int8'; pass None \(float32\) or one of"):
+        attnjax.load(tied, dtype="int8")

@@ -24,7 +24,9 @@ from attnjax.trace import Trace
 TraceOrTraces = Union[Trace, Sequence[Trace]]
 
 # Token strings that mark a model's special tokens. BERT-style ([CLS]/[SEP]) and
-# RoBERTa-style (<s>/</s>) vocabularies; GPT-2 has neither, so its cls/sep are NaN.
+# RoBERTa-style (<s>/</s>) vocabularies. Causal Traces (GPT-2, the Llama-like decoders)
+# have no [CLS]/[SEP] whatever their tokens (Llama's BOS is "<s>"): their cls/sep are
+# NaN, and their sink is position 0 / BOS (first_token).
 CLS_TOKENS: Tuple[str, ...] = ("[CLS]", "<s>")
 SEP_TOKENS: Tuple[str, ...] = ("[SEP]", "</s>")
 # Clark et al. 2019 count attention to "." and "," as attention to punctuation.
@@ -189,7 +191,9 @@ def token_classes(
 
     Returns (classes (B, T, 3) float32 with channels cls, sep, punctuation;
     present (3,) bool: whether the class occurs at any non-padding position).
-    Without tokens on the Trace every class is absent.
+    Without tokens on the Trace every class is absent; a causal Trace (a decoder) has
+    no [CLS]/[SEP] keys: a decoder's BOS "<s>" is its position-0 sink, and "</s>" ends
+    a document rather than separating segments.
     """
     batch, seq = trace.mask.shape
     tokens = token_strings(trace)
@@ -197,8 +201,9 @@ def token_classes(
     if tokens is None:
         return classes, np.zeros(3, bool)
     stripped = np.vectorize(_strip_word_start, otypes=[object])(tokens)  # (B, T)
-    classes[..., 0] = np.isin(tokens, list(cls_tokens))
-    classes[..., 1] = np.isin(tokens, list(sep_tokens))
+    if not trace.causal:
+        classes[..., 0] = np.isin(tokens, list(cls_tokens))
+        classes[..., 1] = np.isin(tokens, list(sep_tokens))
     classes[..., 2] = np.isin(stripped, list(punctuation))
     classes *= np.asarray(trace.mask, bool)[..., None]
     present = classes.reshape(-1, 3).any(axis=0)

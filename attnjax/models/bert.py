@@ -206,7 +206,8 @@ class BertModule(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, mask, token_type_ids, capture: Capture, recorded_layers,
-                 impl: AttentionImpl = "auto", inputs_embeds=None):
+                 impl: AttentionImpl = "auto", inputs_embeds=None, logits: str = "all"):
+        del logits  # an encoder has no LM head
         embedded = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids, inputs_embeds)
         last, hidden_states, records = BertEncoder(self.config, name="encoder")(
             embedded, mask, capture, recorded_layers, impl

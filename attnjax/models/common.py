@@ -1,4 +1,4 @@
-"""Pieces the BERT and GPT-2 ports share: activations and config checks."""
+"""Pieces every port shares: family names, activations, config checks, logits selection."""
 
 from __future__ import annotations
 
@@ -7,7 +7,41 @@ from typing import Any, Callable, Dict, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax import lax
+
+# model_type values of the Llama-like decoders (attnjax/models/llama.py).
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+# Causal language models: GPT-2 and the Llama-like decoders. Everything else (BERT) is
+# a bidirectional encoder with [CLS]/[SEP] tokens.
+DECODER_FAMILIES = ("gpt2",) + LLAMA_FAMILIES
+SUPPORTED_FAMILIES = ("bert",) + DECODER_FAMILIES
+
+
+def is_decoder(family: str) -> bool:
+    """True for the causal decoders (GPT-2, Llama-like): causal attention, next-token
+    logits, tokens shown decoded, position 0 / BOS as the sink, no [CLS]/[SEP]."""
+    return family in DECODER_FAMILIES
+
+
+# Model.forward(logits=...): which positions of a decoder get next-token logits.
+# "all": (B, T, V); "last": the last real (mask True) position of each sequence, (B, V);
+# "none": no LM head at all (at 32k tokens and a 128k vocabulary, (T, V) takes 16 GB).
+LOGITS_OPTIONS = ("all", "last", "none")
+
+
+def check_logits_option(logits) -> str:
+    if logits not in LOGITS_OPTIONS:
+        raise ValueError(f"logits={logits!r}; pass one of {LOGITS_OPTIONS} (all positions, the last "
+                         "real position of each sequence, or none).")
+    return logits
+
+
+def last_real_positions(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x (B, T, D) at each sequence's last position where mask (B, T) is True -> (B, D)."""
+    seq_len = mask.shape[1]
+    last = seq_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # (B,)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # (B, D)
 
 # Hugging Face activation names -> the exact function transformers uses.
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {

@@ -26,7 +26,15 @@ import jax.numpy as jnp
 from flax import struct
 
 from attnjax.models.attention import AttentionImpl, attend
-from attnjax.models.common import MATMUL_PRECISION, Dense, LayerNorm, activation, reject_options, require
+from attnjax.models.common import (
+    MATMUL_PRECISION,
+    Dense,
+    LayerNorm,
+    activation,
+    last_real_positions,
+    reject_options,
+    require,
+)
 from attnjax.trace import Capture
 
 
@@ -103,7 +111,7 @@ class GPT2Config:
 
 @struct.dataclass
 class GPT2Output:
-    logits: jax.Array             # (B, T, V)
+    logits: Optional[jax.Array]   # (B, T, V) with logits="all", (B, V) with "last", None with "none"
     last_hidden_state: jax.Array  # (B, T, D), after ln_f
 
 
@@ -164,7 +172,7 @@ class GPT2Module(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, mask, token_type_ids, capture: Capture, recorded_layers,
-                 impl: AttentionImpl = "auto", inputs_embeds=None):
+                 impl: AttentionImpl = "auto", inputs_embeds=None, logits: str = "all"):
         del token_type_ids  # GPT-2 has no segment embeddings
         c = self.config
         seq_len = input_ids.shape[1]
@@ -181,8 +189,12 @@ class GPT2Module(nn.Module):
             if i in recorded_layers:
                 records.append(layer_records)
         last = LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")(x)  # (B, T, D)
+        if logits == "none":  # no (T, V) array at all
+            return GPT2Output(logits=None, last_hidden_state=last), hidden_states, records
+        head_input = last_real_positions(last, mask) if logits == "last" else last  # (B, D) or (B, T, D)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", last, wte.embedding, precision=MATMUL_PRECISION)  # (B, T, V)
+            lm_logits = jnp.einsum("...D,VD->...V", head_input, wte.embedding,
+                                   precision=MATMUL_PRECISION)  # (B, [T,] V)
         else:
-            logits = Dense(c.vocab_size, use_bias=False, name="lm_head")(last)  # (B, T, V)
-        return GPT2Output(logits=logits, last_hidden_state=last), hidden_states, records
+            lm_logits = Dense(c.vocab_size, use_bias=False, name="lm_head")(head_input)  # (B, [T,] V)
+        return GPT2Output(logits=lm_logits, last_hidden_state=last), hidden_states, records

@@ -13,7 +13,9 @@ import numpy as np
 from attnjax.models.attention import AttentionImpl, stack_layers, stack_records
 from attnjax.models.bert import BertConfig
 from attnjax.models.checkpoints import module_for
+from attnjax.models.common import check_logits_option, is_decoder
 from attnjax.models.gpt2 import GPT2Config
+from attnjax.models.llama import LlamaConfig
 from attnjax.trace import Capture, Trace
 
 
@@ -23,15 +25,18 @@ def is_concrete(x) -> bool:
 
 @dataclasses.dataclass(eq=False)
 class Model:
-    """A BERT or GPT-2 checkpoint: config (frozen), params (pytree), tokenizer, forward.
+    """A loaded checkpoint: config (frozen), params (pytree), tokenizer, forward.
 
-    ``forward`` is a pure function of ``params`` and the inputs: jit it (capture and
-    attention_impl static), vmap it, differentiate it. ``jit_forward`` is that jit,
-    compiled once per shape and capture, with the same input checks.
+    ``family`` is the checkpoint's model_type: "bert", "gpt2", or a Llama-like decoder
+    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2").
+
+    ``forward`` is a pure function of ``params`` and the inputs: jit it (capture,
+    attention_impl and logits static), vmap it, differentiate it. ``jit_forward`` is
+    that jit, compiled once per shape and capture, with the same input checks.
     """
 
     family: str
-    config: Union[BertConfig, GPT2Config]
+    config: Union[BertConfig, GPT2Config, LlamaConfig]
     params: Any
     tokenizer: Any = None
     name: str = ""
@@ -42,7 +47,8 @@ class Model:
 
     @property
     def causal(self) -> bool:
-        return self.family == "gpt2"
+        """True for the decoders (GPT-2 and the Llama-like families)."""
+        return is_decoder(self.family)
 
     def forward(
         self,
@@ -54,15 +60,25 @@ class Model:
         capture: Optional[Capture] = None,
         attention_impl: AttentionImpl = "auto",
         inputs_embeds=None,
+        logits: str = "all",
     ):
         """Run the model. Returns (output, Trace).
 
         input_ids: (B, T) ints; attention_mask: (B, T), 1/True at real tokens (default
-        all real); token_type_ids: (B, T) BERT segment ids (default 0; ignored by GPT-2);
-        inputs_embeds: (B, T, D) to use instead of the word embeddings of input_ids
-        (position and segment embeddings are still added), e.g. to differentiate with
-        respect to the input. BERT's output is BertOutput(last_hidden_state,
-        pooler_output); GPT-2's is GPT2Output(logits, last_hidden_state).
+        all real); token_type_ids: (B, T) BERT segment ids (default 0; ignored by the
+        decoders); inputs_embeds: (B, T, D) to use instead of the word embeddings of
+        input_ids (position and segment embeddings are still added; Gemma's sqrt(hidden)
+        scale is not), e.g. to differentiate with respect to the input.
+
+        logits (decoders; static): "all" gives (B, T, V) next-token logits; "last" only
+        each sequence's last real position (the last mask True), (B, V); "none" skips
+        the LM head (output.logits is None). At long inputs (T, V) logits dominate memory.
+        BERT has no LM head and ignores it.
+
+        BERT's output is BertOutput(last_hidden_state, pooler_output); GPT-2's is
+        GPT2Output(logits, last_hidden_state); the Llama-like decoders' LlamaOutput(logits,
+        last_hidden_state). Decoder attention is recorded per query head (grouped-query
+        models included): Trace.attention is (L, B, num_heads, T, T).
 
         Concrete inputs are checked (shapes, id and segment ranges) with a clear error.
         Inside your own jax.jit or jax.vmap the ids are abstract and cannot be checked:
@@ -70,11 +86,12 @@ class Model:
         come back NaN rather than wrong. ``jit_forward`` checks before tracing.
         """
         capture = Capture() if capture is None else capture
+        check_logits_option(logits)
         input_ids, mask, token_type_ids = self.check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
         recorded = capture.resolve_layers(self.config.num_layers)
         output, hidden_states, records = self.module.apply(
             {"params": params}, input_ids, mask, token_type_ids, capture, recorded,
-            attention_impl, inputs_embeds,
+            attention_impl, inputs_embeds, logits=logits,
         )
         trace = Trace(
             mask=mask,
@@ -91,22 +108,23 @@ class Model:
 
     @functools.cached_property
     def _jitted_forward(self):
-        return jax.jit(self.forward, static_argnames=("capture", "attention_impl"))
+        return jax.jit(self.forward, static_argnames=("capture", "attention_impl", "logits"))
 
     def jit_forward(self, params, input_ids, attention_mask=None, token_type_ids=None, *,
                     capture: Optional[Capture] = None, attention_impl: AttentionImpl = "auto",
-                    inputs_embeds=None):
+                    inputs_embeds=None, logits: str = "all"):
         """``forward`` under jax.jit, compiled once per shape and capture.
 
         Concrete inputs are checked here, before tracing (inside jit the values are
         abstract, so an out-of-vocabulary id would otherwise read past the embedding
         table and come back as NaN instead of an error).
         """
+        check_logits_option(logits)
         if is_concrete(input_ids):
             self.check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
         return self._jitted_forward(params, input_ids, attention_mask, token_type_ids,
                                     capture=capture, attention_impl=attention_impl,
-                                    inputs_embeds=inputs_embeds)
+                                    inputs_embeds=inputs_embeds, logits=logits)
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds):
         """Shapes, dtypes and (when the values are concrete) ranges of the inputs."""

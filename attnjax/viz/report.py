@@ -24,7 +24,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -32,6 +32,7 @@ import pandas as pd
 
 import attnjax
 from attnjax import analysis
+from attnjax.models.common import is_decoder
 from attnjax.trace import Capture, Trace
 from attnjax.viz.attention import model_overview
 from attnjax.viz.frames import OVERVIEW_MAX_WEIGHTS, attention_frame, next_token_frames, sequence_tokens, truncate
@@ -107,9 +108,11 @@ def count_tokens(model, text: str) -> int:
     return len(model.tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
 
-def choose_token(tokens: Sequence[str], positions: np.ndarray, token: Union[int, str, None]) -> int:
+def choose_token(tokens: Sequence[str], positions: np.ndarray, token: Union[int, str, None],
+                 special: Collection[str] = SPECIAL_TOKENS) -> int:
     """Position for the token-flow chart: an int position, the first token matching a
-    string, or by default the last token that is not special or punctuation."""
+    string, or by default the last token that is not special (``special``: token
+    strings, e.g. the model tokenizer's special tokens) or punctuation."""
     if isinstance(token, (int, np.integer)):
         if int(token) not in set(int(p) for p in positions):
             raise ReportInputError(f"--token {token} is not a token position; the text has positions "
@@ -125,7 +128,7 @@ def choose_token(tokens: Sequence[str], positions: np.ndarray, token: Union[int,
                                f"{' ...' if len(tokens) > 20 else ''}. Pass a position number instead.")
     for position, text in reversed(list(zip(positions, tokens))):
         plain = _plain_token(text)
-        if text not in SPECIAL_TOKENS and any(ch.isalnum() for ch in plain):
+        if text not in special and any(ch.isalnum() for ch in plain):
             return int(position)
     return int(positions[-1])
 
@@ -231,11 +234,15 @@ def _capture(model, n_tokens: int) -> Tuple[Capture, str]:
 
 def _analyse(model, model_b, text, compare_text, max_length, token, n_tokens, stages: Stages) -> Results:
     capture, mode = _capture(model, n_tokens)
+    decoder = is_decoder(model.family)
     with stages.stage("run model"):
-        output, trace = attnjax.run(model, text, capture=capture, max_length=max_length, return_output=True)
+        # A decoder's next-token chart needs the last position's logits only: never (T, V).
+        output, trace = attnjax.run(model, text, capture=capture, max_length=max_length, return_output=True,
+                                    logits="last" if decoder else "none")
         jax.block_until_ready(trace.mask)
     positions, tokens = sequence_tokens(trace, 0)
-    position = choose_token(tokens, positions, token)
+    special = SPECIAL_TOKENS | set(getattr(model.tokenizer, "all_special_tokens", ()) or ())
+    position = choose_token(tokens, positions, token, special)
     with stages.stage("head scores"):
         heads = analysis.classify_heads(analysis.head_scores(trace))
     with stages.stage("similarity and focus"):
@@ -258,8 +265,8 @@ def _analyse(model, model_b, text, compare_text, max_length, token, n_tokens, st
         with stages.stage("comparison"):
             results.changes, results.compare_labels = _comparison(results, capture)
     with stages.stage("next token"):
-        if model.family == "gpt2":
-            logits = np.asarray(output.logits[0, int(positions[-1])])             # (V,)
+        if decoder:
+            logits = np.asarray(output.logits[0], np.float32)                     # (V,) at the last token
             results.next_token = next_token_frames(logits, lambda i: model.tokenizer.decode([i]), k=TOP_K_NEXT)
     return results
 
