@@ -28,6 +28,8 @@ from jax.experimental import pallas as pl
 from attnjax.kernels.pallas_common import (
     KernelConfig,
     dot,
+    has_edges,
+    interior_query_blocks,
     kv_head,
     masked,
     num_blocks,
@@ -54,14 +56,14 @@ def _columns_kernel(q_ref, k_ref, lse_ref, kmask_ref, weight_ref, *refs, cfg: Ke
     kmask_row = kmask_ref[...] if cfg.key_mask else None  # (1, bk)
     key_pos = first_key + lax.broadcasted_iota(jnp.int32, (1, bk), 1)  # (1, bk)
 
-    def body(i, carry):
+    def body(i, carry, edge):
         received, bin_sums = carry
         start = pl.multiple_of(i * bq, bq)
         q = q_ref[pl.ds(start, bq), :]  # (bq, Dp)
         lse = lse_ref[pl.ds(start, bq), :]  # (bq, 1)
         weight = weight_ref[pl.ds(start, bq), :]  # (bq, 1)
         query_pos = start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)  # (bq, 1)
-        visible = visibility(cfg, kmask_row, key_pos, query_pos)  # (bq | 1, bk) or None
+        visible = visibility(cfg, kmask_row, key_pos, query_pos, edge)  # (bq | 1, bk) or None
         s = masked(scores(q, k, spec, acc, precision) - lse, visible)  # (bq, bk)
         p = jnp.exp(s)  # (bq, bk); exactly 0 if invisible
         received = received + jnp.sum(p * weight, axis=0, keepdims=True)  # (1, bk)
@@ -72,9 +74,19 @@ def _columns_kernel(q_ref, k_ref, lse_ref, kmask_ref, weight_ref, *refs, cfg: Ke
 
     received0 = jnp.zeros((1, bk), acc)  # (1, bk)
     bin_sums0 = jnp.zeros(bin_sums_ref.shape, acc) if pooled else jnp.zeros((1, bk), acc)
-    lower, upper = query_block_range(first_key, first_key + bk - 1, bq,
-                                     num_blocks(cfg.length, bq), spec.causal, spec.window)
-    received, bin_sums = lax.fori_loop(lower, upper, body, (received0, bin_sums0))
+    last_key = first_key + bk - 1
+    lower, upper = query_block_range(first_key, last_key, bq, num_blocks(cfg.length, bq),
+                                     spec.causal, spec.window)
+    # Only the edge tiles (diagonal, window's far end, padded keys) get the positional mask.
+    interior_lower, interior_upper = interior_query_blocks(first_key, last_key, lower, upper, bq, cfg)
+    front, back = has_edges(cfg)  # the forward's window edge is the columns' back edge
+    carry = (received0, bin_sums0)
+    if back:
+        carry = lax.fori_loop(lower, interior_lower, functools.partial(body, edge=True), carry)
+    carry = lax.fori_loop(interior_lower, interior_upper, functools.partial(body, edge=False), carry)
+    if front:
+        carry = lax.fori_loop(interior_upper, upper, functools.partial(body, edge=True), carry)
+    received, bin_sums = carry
     received_ref[...] = received.astype(received_ref.dtype)
     if pooled:
         bin_sums_ref[...] = bin_sums.astype(bin_sums_ref.dtype)

@@ -117,22 +117,69 @@ def scores(q, k, spec: AttentionSpec, acc_dtype, precision):
     return cap_scores(s, spec.softcap)  # (bq, bk)
 
 
-def visibility(cfg: KernelConfig, kmask_row, key_pos, query_pos) -> Optional[jnp.ndarray]:
+def visibility(cfg: KernelConfig, kmask_row, key_pos, query_pos, edge: bool = True) -> Optional[jnp.ndarray]:
     """Which keys of a tile each query sees: (bq, bk) or (1, bk) bool, or None when
-    every key of every tile is visible (no mask, no causality, no sequence padding).
+    every key of the tile is visible.
 
     kmask_row: (1, bk) int32 from the key-mask input (read only when cfg.key_mask);
-    key_pos (1, bk) and query_pos (bq, 1): int32 positions.
+    key_pos (1, bk) and query_pos (bq, 1): int32 positions. ``edge=False`` promises a
+    tile that every query sees by position and that holds no sequence padding
+    (``interior_key_blocks``): only the key mask is applied.
     """
     visible = None
     if cfg.key_mask:
         visible = kmask_row != 0  # (1, bk)
-    elif cfg.padded > cfg.length:
+    elif cfg.padded > cfg.length and edge:
         visible = key_pos < cfg.length  # (1, bk)
+    if not edge:
+        return visible
     positional = positions_visible(query_pos, key_pos, cfg.spec.causal, cfg.spec.window)  # (bq, bk) or None
     if positional is None:
         return visible
     return positional if visible is None else visible & positional  # (bq, bk)
+
+
+def has_edges(cfg: KernelConfig):
+    """(front, back): whether key tiles before / after the interior ones can need a
+    positional mask (the window's far edge; the diagonal or sequence padding)."""
+    padding = cfg.padded > cfg.length and not cfg.key_mask
+    return cfg.spec.window is not None, cfg.spec.causal or padding
+
+
+def interior_key_blocks(first_query, last_query, lower, upper, block_k: int, cfg: KernelConfig):
+    """Split the key blocks [lower, upper) a query block visits into [lower, a) and
+    [b, upper), which need the positional mask, and [a, b), which every query of the
+    block sees in full (inside the window, at or below the diagonal, no sequence
+    padding). FlashAttention-2 masks only the diagonal blocks in the same way."""
+    spec = cfg.spec
+    front, back = has_edges(cfg)
+    a, b = lower, upper
+    if front:  # keys j >= last_query - W + 1 are inside every query's window
+        first_inside = jnp.maximum(last_query - spec.window + 1, 0) + (block_k - 1)
+        a = jnp.minimum(jnp.maximum(a, lax.div(first_inside, jnp.int32(block_k))), upper)
+    if spec.causal:  # keys j <= first_query are visible to every query of the block
+        b = jnp.minimum(b, lax.div(first_query + 1, jnp.int32(block_k)))
+    if cfg.padded > cfg.length and not cfg.key_mask:
+        b = jnp.minimum(b, cfg.length // block_k)
+    if back:
+        b = jnp.maximum(b, a)
+    return a, b
+
+
+def interior_query_blocks(first_key, last_key, lower, upper, block_q: int, cfg: KernelConfig):
+    """The column passes' split of the query blocks [lower, upper) that see a key
+    block: [lower, a) at the diagonal and [b, upper) at the window's far end need the
+    positional mask; every query of [a, b) sees every key of the block. A key block
+    holding sequence padding (mask=None) has no interior."""
+    spec = cfg.spec
+    a, b = lower, upper
+    if spec.causal:  # queries i >= last_key see the whole key block
+        a = jnp.minimum(jnp.maximum(a, lax.div(last_key + (block_q - 1), jnp.int32(block_q))), upper)
+    if spec.window is not None:  # queries i <= first_key + W - 1 see it too
+        b = jnp.minimum(b, lax.div(first_key + spec.window, jnp.int32(block_q)))
+    if cfg.padded > cfg.length and not cfg.key_mask:
+        a = jnp.where(last_key >= cfg.length, upper, a)
+    return a, jnp.maximum(b, a)
 
 
 def masked(s, visible):

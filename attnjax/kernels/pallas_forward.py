@@ -9,7 +9,9 @@ repeated in memory.
 
 Only key blocks that can hold a visible key are visited (``spec.key_block_range``):
 under causal the loop stops at the diagonal; with a window of W it also starts at the
-block of key ``first_query - W + 1``, so a windowed call costs O(T W).
+block of key ``first_query - W + 1``, so a windowed call costs O(T W). Of those, only
+the tiles at the band's edges (the window's far end, the diagonal, sequence padding)
+pay for the positional mask; the interior ones apply the key mask alone.
 
 With ``stats`` the row statistics ride in the same loop, rescaled exactly like the
 normaliser ``l`` (definitions in ``attnjax.kernels.stats``):
@@ -33,6 +35,8 @@ from attnjax.kernels.pallas_common import (
     NO_INDEX,
     KernelConfig,
     dot,
+    has_edges,
+    interior_key_blocks,
     kv_head,
     masked,
     num_blocks,
@@ -53,14 +57,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, kmask_ref, o_ref, lse_ref, *stat_refs, 
     q = q_ref[...]  # (bq, Dp)
     query_pos = first_query + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)  # (bq, 1)
 
-    def body(j, carry):
+    def body(j, carry, edge):
         m, l, o, entropy_sum, distance_sum, argmax = carry
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]  # (bk, Dp)
         v = v_ref[pl.ds(start, bk), :]  # (bk, Dp)
         key_pos = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)  # (1, bk)
         kmask_row = kmask_ref[:, pl.ds(start, bk)] if cfg.key_mask else None  # (1, bk)
-        visible = visibility(cfg, kmask_row, key_pos, query_pos)  # (bq | 1, bk) or None
+        visible = visibility(cfg, kmask_row, key_pos, query_pos, edge)  # (bq | 1, bk) or None
         s = masked(scores(q, k, spec, acc, precision), visible)  # (bq, bk)
         m_blk = jnp.max(s, axis=1, keepdims=True)  # (bq, 1)
         m_new = jnp.maximum(m, m_blk)  # (bq, 1)
@@ -84,9 +88,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, kmask_ref, o_ref, lse_ref, *stat_refs, 
         jnp.full((bq, 1), M_INIT, acc), row_zeros, jnp.zeros(o_ref.shape, acc),
         row_zeros, row_zeros, jnp.zeros((bq, 1), jnp.int32),
     )
-    lower, upper = key_block_range(first_query, first_query + bq - 1, bk,
-                                   num_blocks(cfg.length, bk), spec.causal, spec.window)
-    m, l, o, entropy_sum, distance_sum, argmax = lax.fori_loop(lower, upper, body, init)
+    last_query = first_query + bq - 1
+    lower, upper = key_block_range(first_query, last_query, bk, num_blocks(cfg.length, bk),
+                                   spec.causal, spec.window)
+    # Masks cost a select per score: only the edge tiles of the band get the positional one.
+    interior_lower, interior_upper = interior_key_blocks(first_query, last_query, lower, upper, bk, cfg)
+    front, back = has_edges(cfg)
+    carry = init
+    if front:
+        carry = lax.fori_loop(lower, interior_lower, functools.partial(body, edge=True), carry)
+    carry = lax.fori_loop(interior_lower, interior_upper, functools.partial(body, edge=False), carry)
+    if back:
+        carry = lax.fori_loop(interior_upper, upper, functools.partial(body, edge=True), carry)
+    m, l, o, entropy_sum, distance_sum, argmax = carry
 
     valid = l > 0  # (bq, 1); False for a query with no visible key
     l_safe = jnp.where(valid, l, 1.0)  # (bq, 1)
