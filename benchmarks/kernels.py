@@ -1,6 +1,6 @@
 """Attention forward throughput on GPU (TFLOP/s), bf16: ours against JAX's kernels.
 
-For head_dim 64 and 128, causal and not, T = 1k .. 16k, with batch * T = 16k tokens
+For head_dim 128 and 64, causal and not, T = 1k .. 16k, with batch * T = 16k tokens
 and heads * head_dim = 2048 (the FlashAttention papers' setting), it times:
 
 - ``attnjax pallas``        attnjax.kernels.pallas_attention (Triton), output only;
@@ -60,7 +60,7 @@ def _jax_pallas_mha():
     return getattr(gpu_attention, "mha", None)
 
 
-def implementations(causal: bool, head_dim: int, window=None, grouped: bool = False):
+def implementations(causal: bool, head_dim: int, window=None, grouped: bool = False, jax_mha: bool = True):
     """name -> jitted f(q, k, v) for q (B, T, Hq, D), k and v (B, T, Hkv, D), bf16."""
     from attnjax.kernels import pallas_attention
 
@@ -75,7 +75,7 @@ def implementations(causal: bool, head_dim: int, window=None, grouped: bool = Fa
         "jax cudnn": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, scale=scale, local_window_size=local, implementation="cudnn"),
     }
-    mha = _jax_pallas_mha()
+    mha = _jax_pallas_mha() if jax_mha else None
     if mha is not None and window is None and not grouped:
         table["jax pallas mha"] = lambda q, k, v: mha(q, k, v, None, sm_scale=scale, causal=causal)
     return {name: jax.jit(fn) for name, fn in table.items()}
@@ -133,14 +133,14 @@ def check_outputs(rows, tokens: int) -> None:
             sys.exit("attnjax pallas output does not match jax.nn.dot_product_attention; not timing it.")
 
 
-def report_auto(head_dims) -> None:
+def report_auto(dtypes, head_dims) -> None:
     """Print what attention(impl="auto") resolves to for bf16 and float32 inputs, and why."""
     from attnjax import kernels
     from attnjax.kernels.pallas_attention import default_backend
 
     platform = jax.default_backend()
     print(f"# impl='auto' on {platform} (jax {jax.__version__}, Pallas backend '{default_backend()}'):")
-    for dtype in ("bfloat16", "float32"):
+    for dtype in dtypes:
         for head_dim in head_dims:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -162,29 +162,26 @@ def report_auto(head_dims) -> None:
 
 
 def table_rows(args):
-    """(heads, kv_heads, head_dim, causal, window, length) for every row, in order."""
+    """(heads, kv_heads, head_dim, causal, window, length) for every row, in order: the
+    first head_dim's MHA rows, the GQA and window rows, then the other head_dims (so a
+    --budget-s cut drops the least-asked-for rows)."""
     causal_values = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-    rows = []
-    for head_dim in args.head_dims:
-        for causal in causal_values:
-            for length in args.lengths:
-                rows.append((args.hidden // head_dim, args.hidden // head_dim, head_dim, causal, None, length))
+    mha = [[(args.hidden // head_dim, args.hidden // head_dim, head_dim, causal, None, length)
+            for causal in causal_values for length in args.lengths] for head_dim in args.head_dims]
+    decoder = []
     if not args.no_gqa:
         heads, kv_heads = GQA_HEADS
         head_dim = min(GQA_HEAD_DIM, args.hidden // heads)
-        for length in args.lengths:
-            rows.append((heads, kv_heads, head_dim, True, None, length))
-        for window in args.window:
-            for length in args.lengths:
-                if length > window:
-                    rows.append((heads, kv_heads, head_dim, True, window, length))
-    return rows
+        decoder = [(heads, kv_heads, head_dim, True, None, length) for length in args.lengths]
+        decoder += [(heads, kv_heads, head_dim, True, window, length)
+                    for window in args.window for length in args.lengths if length > window]
+    return mha[0] + decoder + [row for rows in mha[1:] for row in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--window", type=int, nargs="*", default=[4096],
                         help="sliding windows for the GQA rows (rows only where T > window)")
@@ -196,11 +193,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new row after this many seconds (rows print as they finish)")
     parser.add_argument("--auto", action="store_true", help="only report what impl='auto' picks, and why")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="input dtypes for --auto")
+    parser.add_argument("--no-jax-mha", action="store_true",
+                        help="omit JAX's deprecated Pallas mha column (saves its compiles)")
     parser.add_argument("--allow-cpu", action="store_true", help="run off GPU (a dry run of the script)")
     args = parser.parse_args()
 
     if args.auto:
-        report_auto(args.head_dims)
+        report_auto(args.dtypes, args.head_dims)
         return
     backend = jax.default_backend()
     if backend != "gpu" and not args.allow_cpu:
@@ -213,14 +213,14 @@ def main() -> None:
     print(f"# kernels: forward, bf16, batch * T = {args.tokens}, MHA heads * head_dim = {args.hidden}; "
           f"GQA rows {GQA_HEADS[0]}/{GQA_HEADS[1]} heads")
     print(f"# device: {getattr(device, 'device_kind', device)}, jax {jax.__version__}")
-    if _jax_pallas_mha() is None:
+    if _jax_pallas_mha() is None and not args.no_jax_mha:
         print("# jax.experimental.pallas.ops.gpu.attention.mha is not available in this JAX: column omitted")
     rows = table_rows(args)
     checks = sorted({(h, kv, d, c, w if w is None or w < 1024 else 512) for h, kv, d, c, w, _ in rows},
                     key=str)
     check_outputs(checks, args.tokens)
 
-    names = list(implementations(False, args.head_dims[0]))
+    names = list(implementations(False, args.head_dims[0], jax_mha=not args.no_jax_mha))
     print()
     print("| head_dim | causal | window | T | batch x heads (q/kv) | " + " | ".join(names)
           + " | pallas / cudnn | stats overhead |")
@@ -230,7 +230,7 @@ def main() -> None:
         if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
             skipped.append(f"d{head_dim} {heads}/{kv_heads} causal={causal} window={window} T={length}")
             continue
-        fns = implementations(causal, head_dim, window, grouped=kv_heads != heads)
+        fns = implementations(causal, head_dim, window, grouped=kv_heads != heads, jax_mha=not args.no_jax_mha)
         q, k, v = make_inputs(args.tokens, length, heads, kv_heads, head_dim)
         batch = q.shape[0]
         flops = 4 * batch * heads * head_dim * visible_pairs(length, causal, window)
