@@ -230,9 +230,42 @@ def test_logits_last_and_none(built):
         model.forward(model.params, input_ids, mask, logits="every")
 
 
+def test_gemma_inputs_embeds_are_not_scaled(built):
+    """transformers scales token embeddings by sqrt(hidden) in the embedding layer, so
+    inputs_embeds pass unscaled; the tied head uses the unscaled table."""
+    directory, hf_model = built("gemma")
+    model = attnjax.load(directory)
+    input_ids, mask = batch(model.config.vocab_size, seed=5)
+    embeds = np.asarray(model.params["embed_tokens"]["embedding"])[input_ids]  # (B, T, D)
+    output, _ = model.forward(model.params, input_ids, mask, inputs_embeds=embeds)
+    with torch.no_grad():
+        expected = hf_model(inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(mask).long()).logits
+    assert_close(np.asarray(output.logits)[mask], expected.numpy()[mask], "logits from inputs_embeds")
+
+
+def test_gpt2_logits_options(tmp_path):
+    from tests.tiny_models import tiny_gpt2
+
+    tiny_gpt2(tmp_path, with_tokenizer=False, tie_word_embeddings=False)
+    model = attnjax.load(tmp_path)
+    input_ids, mask = batch(model.config.vocab_size)
+    full, _ = model.forward(model.params, input_ids, mask)
+    last, _ = model.forward(model.params, input_ids, mask, logits="last")
+    none, _ = model.forward(model.params, input_ids, mask, logits="none")
+    assert_close(last.logits, np.asarray(full.logits)[np.arange(3), np.asarray(LENGTHS) - 1], "GPT-2 last logits")
+    assert none.logits is None and none.last_hidden_state.shape == (3, 12, model.config.n_embd)
+
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+MAPS = Capture(attention=True)  # what the report captures for a short text
+
+
 @pytest.fixture(scope="module")
 def llama_run(built):
-    """A Llama model, and attnjax.run of two texts with the logits option each call asked for."""
+    """A Llama model, its attnjax.run of TEXT, and the logits option of each forward call.
+
+    The later runs here (and the report's) use the same text and capture, so they share
+    compiled programs."""
     model = attnjax.load(built("llama-mqa-linear-tied")[0])
     asked = []
     original = model.jit_forward
@@ -242,24 +275,24 @@ def llama_run(built):
         return original(*args, **kwargs)
 
     model.jit_forward = recording
-    trace = attnjax.run(model, ["The cat sat on the mat.", "Heads look at the first token."])
-    return model, trace, asked
+    return model, attnjax.run(model, TEXT, capture=MAPS), asked
 
 
 def test_run_asks_only_for_what_it_needs(llama_run):
     model, trace, asked = llama_run
     assert asked[0] == "none"  # no output returned: no LM head computed
-    output, _ = attnjax.run(model, ["The cat sat on the mat.", "A cat"], return_output=True, logits="last")
-    assert asked[-1] == "last" and output.logits.shape == (2, model.config.vocab_size)
+    output, _ = attnjax.run(model, TEXT, capture=MAPS, return_output=True, logits="last")
+    assert asked[-1] == "last" and output.logits.shape == (1, model.config.vocab_size)
 
 
 def test_tokenizer_bos_padding_and_display(llama_run, built):
     model, trace, _ = llama_run
     assert trace.causal and trace.tokens[0][0] == "<s>"  # the tokenizer.json post-processor adds BOS
-    assert "".join(trace.tokens[0][1:int(trace.mask[0].sum())]) == "The cat sat on the mat."
-    assert trace.tokens[0][-1] == "<pad>" and trace.input_ids[0, -1] == model.tokenizer.pad_token_id
+    assert "".join(trace.tokens[0][1:]) == TEXT  # each id decoded on its own, as for GPT-2
+    padded = attnjax.tokenize(model, [TEXT, "A cat"])
+    assert padded.tokens[1][-1] == "<pad>" and padded.input_ids[1, -1] == model.tokenizer.pad_token_id
     qwen = attnjax.load(built("qwen3-qknorm")[0])
-    tokens = attnjax.tokenize(qwen, ["The cat sat on the mat.", "A cat"])
+    tokens = attnjax.tokenize(qwen, [TEXT, "A cat"])
     assert tokens.tokens[0][0] == "The"  # Qwen adds no BOS; it pads with EOS
     assert tokens.input_ids[1, -1] == qwen.tokenizer.eos_token_id
     with pytest.raises(ValueError, match="give qwen3 plain strings"):
@@ -349,3 +382,15 @@ def test_unsupported_option_from_a_directory(built, tmp_path):
         attnjax.load(tmp_path)
     with pytest.raises(ValueError, match="dtype='float16'"):
         attnjax.load(directory, dtype="float16")
+
+
+def test_report_on_a_decoder(llama_run, tmp_path):
+    """The report runs on a Llama-like decoder as on GPT-2, next-token explorer included
+    (from the last position's logits only)."""
+    from attnjax.viz.report import build_report
+
+    model, _, asked = llama_run
+    report = build_report(model, TEXT, progress=False)
+    page = report.save(tmp_path / "llama.html").read_text()
+    assert report.summary["family"] == "llama" and report.summary["heads"] == model.config.num_heads
+    assert asked[-1] == "last" and '<h2 id="next-token">' in page
