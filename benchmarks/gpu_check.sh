@@ -34,8 +34,10 @@ BENCH_S="${GPU_CHECK_BENCH_S:-160}"
 SCRIPT_START=$(date +%s)
 SUMMARY=()
 
-# run_step NAME LIMIT_S CMD...: run CMD under a time limit, tee its output to a log,
-# and record how it ended. Never stops the script.
+# run_step NAME LIMIT_S CMD...: run CMD under a time limit, its whole output to a log
+# and to stdout (less the lines matching $HIDE), and record how it ended. Never stops
+# the script.
+HIDE='^$'
 run_step() {
     local name="$1" limit="$2"
     shift 2
@@ -43,7 +45,7 @@ run_step() {
     echo
     echo "=== ${name} (limit ${limit} s, log ${log})"
     start=$(date +%s)
-    timeout -k 10 "$limit" "$@" 2>&1 | tee "$log"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$log" | grep --line-buffered -v -E "$HIDE"
     rc=${PIPESTATUS[0]}
     local took=$(( $(date +%s) - start ))
     case "$rc" in
@@ -78,10 +80,14 @@ done
 # Deprecation warnings (the Triton backend's, on JAX 0.11) are reported once by the step
 # above; here they would repeat for every test. The fallback test pretends that a GPU
 # cannot compile the kernels, which a real GPU contradicts: it is for CPU machines.
+# One line per test in the log (so a timeout still shows which ran); stdout hides the
+# passing ones. Full tracebacks: $LOGS/kernel_tests.xml (written when pytest finishes).
+HIDE=' PASSED'
 run_step "kernel tests" "$TESTS_S" "$PY" -m pytest "${TEST_FILES[@]}" \
-    -q -p no:cacheprovider -W ignore::DeprecationWarning --tb=line -rfEs --durations=10 \
+    -v -p no:cacheprovider -W ignore::DeprecationWarning --tb=line -rfEs --durations=10 \
     --deselect tests/test_kernels.py::test_auto_falls_back_to_blockwise_when_pallas_cannot_compile \
     --junitxml="$LOGS/kernel_tests.xml"
+HIDE='^$'
 
 # Three lengths across 1k-16k keep the table inside the limit (each row compiles five
 # kernels); rows print as they finish, and --budget-s stops starting new ones in time.
