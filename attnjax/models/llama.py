@@ -167,6 +167,8 @@ class LlamaConfig:
             raise UnsupportedConfigError(f"model_type={family!r} is not one of {LLAMA_FAMILIES}.")
         defaults = FAMILY_DEFAULTS[family]
         reject_options(hf, family, UNSUPPORTED.get(family, {}))
+        # A key config.json omits takes the config class's default; an explicit null
+        # num_key_value_heads / head_dim means "as many as the query heads" / hidden // heads.
         get = lambda key: hf[key] if key in hf else defaults.get(key)  # noqa: E731
         heads = require(hf, "num_attention_heads", family)
         hidden = require(hf, "hidden_size", family)
@@ -176,7 +178,7 @@ class LlamaConfig:
                 require(hf, key, family)
         kv_heads = get("num_key_value_heads") or heads
         head_dim = get("head_dim") or hidden // heads
-        max_positions = get("max_position_embeddings")
+        max_positions = get("max_position_embeddings") or defaults["max_position_embeddings"]
         if family == "gemma2":
             act = hf.get("hidden_activation", defaults["act"])
         else:
@@ -217,9 +219,11 @@ def layer_windows(hf: Mapping[str, Any], family: str, layers: int) -> Tuple[Opti
     """Each layer's sliding window (None: full attention), as transformers decides it."""
     defaults = FAMILY_DEFAULTS[family]
     window = hf.get("sliding_window", defaults.get("sliding_window"))
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise UnsupportedConfigError(f"The {family} config sets sliding_window={window!r}; expected a positive int.")
     if family == "mistral":  # MistralModel: one sliding mask for every layer when set
         # (transformers ignores a Mistral config's layer_types, and so does attnjax).
-        return (window,) * layers if window is not None else (None,) * layers
+        return (window,) * layers
     if family in ("llama", "gemma"):
         return (None,) * layers
     if family in ("qwen2", "qwen3"):
@@ -240,15 +244,12 @@ def layer_windows(hf: Mapping[str, Any], family: str, layers: int) -> Tuple[Opti
             f"The {family} config's layer_types holds {unknown}; attnjax implements "
             f"{FULL_ATTENTION!r} and {SLIDING_ATTENTION!r} layers."
         )
-    if SLIDING_ATTENTION in layer_types:
-        if window is None:
-            raise UnsupportedConfigError(
-                f"The {family} config's layer_types has sliding_attention layers, but no sliding window "
-                "(sliding_window is null" + (", or use_sliding_window is false" if family != "gemma2" else "")
-                + "); transformers cannot build that mask either."
-            )
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise UnsupportedConfigError(f"The {family} config sets sliding_window={window!r}; expected a positive int.")
+    if SLIDING_ATTENTION in layer_types and window is None:
+        raise UnsupportedConfigError(
+            f"The {family} config's layer_types has sliding_attention layers, but no sliding window "
+            "(sliding_window is null" + (", or use_sliding_window is false" if family != "gemma2" else "")
+            + "); transformers cannot build that mask either."
+        )
     return tuple(window if t == SLIDING_ATTENTION else None for t in layer_types)
 
 
