@@ -49,15 +49,18 @@ BF16_STATS_TOL = dict(rtol=1e-3, atol=1e-3)
 
 
 def make_inputs(seed, batch, length, heads, head_dim, dtype=jnp.float32, padding="random",
-                causal=False):
-    """q, k, v (B, T, N, H) and a key mask (B, T) or None.
+                causal=False, kv_heads=None):
+    """q (B, T, N, H), k and v (B, T, kv_heads, H) (kv_heads defaults to N) and a key
+    mask (B, T) or None.
 
     padding: "none" (mask None); "random" (random key padding, ~25%); "full_row"
     (batch element 1 entirely padded, so its rows have no visible key; under
     ``causal`` batch element 0 is also left-padded, giving fully masked early rows).
     """
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), dtype) for _ in range(3))
+    kv_heads = heads if kv_heads is None else kv_heads
+    q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), dtype) for _ in range(2))
     if padding == "none":
         return q, k, v, None
     mask = rng.random((batch, length)) > 0.25
@@ -90,17 +93,21 @@ def assert_stats_close(stats, expected, *, tol, probs):
         assert np.all(np.isfinite(np.asarray(getattr(stats, name)))), name
 
 
-def check_against_reference(impl_fn, q, k, v, mask, *, causal, pool, out_tol, stats_tol, scale=None):
-    out, stats = impl_fn(q, k, v, mask=mask, causal=causal, stats=True, pool=pool, scale=scale)
+def check_against_reference(impl_fn, q, k, v, mask, *, causal, pool, out_tol, stats_tol, scale=None,
+                            **options):
+    """impl_fn's output and statistics against the reference; ``options`` (window,
+    softcap) go to both."""
+    out, stats = impl_fn(q, k, v, mask=mask, causal=causal, stats=True, pool=pool, scale=scale, **options)
     out_ref, stats_ref = reference_attention(q, k, v, mask=mask, causal=causal, stats=True, pool=pool,
-                                             scale=scale)
-    _, probs = reference_attention_weights(q, k, mask, causal, scale)
+                                             scale=scale, **options)
+    _, probs = jax.jit(reference_attention_weights, static_argnums=(3, 4),
+                       static_argnames=tuple(options))(q, k, mask, causal, scale, **options)
     assert out.shape == q.shape and out.dtype == q.dtype
     np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(out_ref, np.float64), err_msg="out", **out_tol)
     assert_stats_close(stats, stats_ref, tol=stats_tol, probs=probs)
     # Without stats the output is the same computation (a separately compiled kernel,
     # so equal up to rounding rather than bit for bit).
-    plain = impl_fn(q, k, v, mask=mask, causal=causal, scale=scale)
+    plain = impl_fn(q, k, v, mask=mask, causal=causal, scale=scale, **options)
     np.testing.assert_allclose(np.asarray(plain, np.float64), np.asarray(out, np.float64), **out_tol)
 
 

@@ -1,5 +1,6 @@
 """Helpers the blockwise and Pallas kernels share: padding, row validity, the
-diagonal masses, pooled maps, and assembling ``AttentionStats``.
+diagonal masses, pooled maps, assembling ``AttentionStats``, and the custom_vjp
+wiring of a FlashAttention forward with its backward (``flash_function``).
 
 Every function that depends on which keys a query sees takes the call's
 ``AttentionSpec`` (causal, window, softcap, GQA groups), so the rule lives in
@@ -8,7 +9,8 @@ Every function that depends on which keys a query sees takes the call's
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -155,3 +157,33 @@ def assemble_stats(qh, kh, mask, spec: AttentionSpec, *, length, lse, entropy, m
         received=received[:, :, :length],
         pooled=pooled,
     )
+
+
+def flash_function(forward: Callable, backward: Callable) -> Callable:
+    """One ``jax.custom_vjp`` function ``flash(q, k, v, key_mask, cfg) -> (out, rows)``
+    from a kernel family's forward and FlashAttention-2 backward.
+
+    ``forward(q, k, v, key_mask, cfg) -> (out, rows)``: rows is a tuple of per-query
+    arrays whose first entry is the natural-log LSE (the rest are statistics, which
+    carry no gradient). ``backward(q, k, v, key_mask, out, lse, d_out, cfg) -> (dq, dk,
+    dv)`` recomputes p from the saved LSE. ``cfg`` is static and hashable (a
+    nondiff argument); ``key_mask`` gets no cotangent. The arrays may be in any layout
+    the two functions agree on (blockwise: (B, T, N, H); Pallas: heads-major, padded).
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def flash(q, k, v, key_mask, cfg):
+        return forward(q, k, v, key_mask, cfg)
+
+    def flash_fwd(q, k, v, key_mask, cfg):
+        out, rows = forward(q, k, v, key_mask, cfg)
+        return (out, rows), (q, k, v, key_mask, out, rows[0])
+
+    def flash_bwd(cfg, residuals, cotangents):
+        q, k, v, key_mask, out, lse = residuals
+        d_out, _ = cotangents  # the rows are statistics: no gradient flows through them
+        dq, dk, dv = backward(q, k, v, key_mask, out, lse, d_out, cfg)
+        return dq, dk, dv, None
+
+    flash.defvjp(flash_fwd, flash_bwd)
+    return flash

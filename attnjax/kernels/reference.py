@@ -31,6 +31,7 @@ how each is read off the full matrix.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -217,9 +218,11 @@ def reference_stats(
     )
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
 def reference_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
                    spec: AttentionSpec):
-    """The reference implementation of a validated call (``spec.normalize``).
+    """The reference implementation of a validated call (``spec.normalize``); jitted,
+    since run op by op its dozens of small primitives each compile on first use.
 
     Returns out (B, T, Hq, H) in q's dtype, or with ``spec.stats`` ``(out,
     AttentionStats)`` read off the full matrix (differentiable; the front door stops

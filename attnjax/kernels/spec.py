@@ -147,6 +147,10 @@ def _static_flag(name: str, value) -> bool:
 
 
 def _static_number(name: str, value, kind):
+    if isinstance(value, (str, bytes)):  # float("30") would parse: a string is a mistake here
+        raise TypeError(
+            f"attention({name}=...) must be a Python number (it is a static argument of the "
+            f"kernels); got {type(value).__name__}.")
     try:
         return kind(value)
     except (TypeError, jax.errors.ConcretizationTypeError) as error:
