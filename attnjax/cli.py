@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 EXAMPLE_TEXT = Path(__file__).resolve().parent / "data" / "example.txt"
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 PROFILE_MIN_BUCKET = 32  # shortest padded length `attnjax profile` compiles for
+DTYPES = ("float32", "bfloat16")  # --dtype: what attnjax.load(dtype=...) takes from the command line
 
 
 class InputError(Exception):
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-length", type=int, help="truncate the text to this many tokens")
     report.add_argument("--compare", metavar="TEXT2", help="also compare with this second text")
     report.add_argument("--model-b", help="also compare with this second model (same architecture)")
+    report.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="parameter dtype of a Llama-like decoder (default float32, exact parity; "
+                             "bfloat16 halves the weights' memory; statistics stay float32)")
     report.add_argument("--token", help="token for the token-flow chart: a position or the token's text")
     report.add_argument("--scheme", default="viridis", choices=("viridis", "plasma", "magma", "inferno", "cividis"),
                         help="colour scheme of the attention maps")
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--model", default="minilm", help="as for report")
     profile.add_argument("--max-length", type=int, help="truncate each paragraph to this many tokens "
                                                         "(default: the model's positions)")
+    profile.add_argument("--dtype", choices=DTYPES, default="float32", help="as for report")
     profile.add_argument("--csv", type=Path, help="also write the per-head scores and categories to this CSV")
     profile.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -152,12 +157,12 @@ def quiet_libraries() -> None:
         pass
 
 
-def load_model(name: str, flag: str = "--model"):
+def load_model(name: str, flag: str = "--model", dtype: str = "float32"):
     import attnjax
 
     quiet_libraries()
     try:
-        return attnjax.load(name)
+        return attnjax.load(name, dtype=None if dtype == "float32" else dtype)
     except ValueError as error:  # CheckpointError, UnsupportedConfigError
         raise InputError(f"{flag} {name}: {error}") from None
 
@@ -179,12 +184,12 @@ def run_report(args) -> int:
     started = time.perf_counter()
     timings = {}
     stamp = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     timings["load model"] = time.perf_counter() - stamp
     model_b = None
     if args.model_b:
         stamp = time.perf_counter()
-        model_b = load_model(args.model_b, "--model-b")
+        model_b = load_model(args.model_b, "--model-b", dtype=args.dtype)
         timings["load model B"] = time.perf_counter() - stamp
     if args.max_length is None:
         for label, which, words in (("text", model, text), ("--compare text", model_b or model, args.compare)):
@@ -259,7 +264,7 @@ def run_profile(args) -> int:
     attnjax.enable_compilation_cache()
     attnjax.tune_host_allocator()
     started = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     limit = args.max_length or model.config.max_positions
     capture = Capture(stats=True)
     traces, truncated = [], 0
