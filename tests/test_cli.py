@@ -108,3 +108,11 @@ def test_report_command_end_to_end(tmp_path):
         assert stage in result.stdout
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>") and "Model overview" in page
+
+
+def test_bfloat16_is_for_the_decoders(capsys, tmp_path):
+    # BERT and GPT-2 load in float32 only: the flag names the model and what does take it.
+    status, _, err = run_main(capsys, "report", "--text", "hi there", "--dtype", "bfloat16",
+                              "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "--model minilm", "bfloat16", "float32 only")
