@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 
 EXAMPLE_TEXT = Path(__file__).resolve().parent / "data" / "example.txt"
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a Unix tool killed by a closed pipe returns
 PROFILE_MIN_BUCKET = 32  # shortest padded length `attnjax profile` compiles for
 DTYPES = ("float32", "bfloat16")  # --dtype: what attnjax.load(dtype=...) takes from the command line
 
@@ -30,7 +31,10 @@ class InputError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from attnjax import __version__
+
     parser = argparse.ArgumentParser(prog="attnjax", description="Look inside Transformer attention.")
+    parser.add_argument("--version", action="version", version=f"attnjax {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -48,14 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="parameter dtype of a Llama-like decoder (default float32, exact parity; "
                              "bfloat16 halves the weights' memory; statistics stay float32)")
-    report.add_argument("--token", help="token for the token-flow chart: a position or the token's text")
+    report.add_argument("--token", help="token for the token-flow chart: a position (negative counts from "
+                                        "the end: -1 is the last token) or the token's text")
     report.add_argument("--scheme", default="viridis", choices=("viridis", "plasma", "magma", "inferno", "cividis"),
                         help="colour scheme of the attention maps")
     report.add_argument("--scale", default="linear", choices=("linear", "log", "quantile"),
                         help="colour scale of the attention maps")
     report.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: on for inputs over 256 tokens)")
-    report.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     profile = commands.add_parser("profile", help="streaming attention statistics over a text file",
                                   description="Run a model over a text file, paragraph by paragraph, recording only "
@@ -66,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default: the model's positions)")
     profile.add_argument("--dtype", choices=DTYPES, default="float32", help="as for report")
     profile.add_argument("--csv", type=Path, help="also write the per-head scores and categories to this CSV")
-    profile.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    profile.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -86,12 +91,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_profile(args)
     except InputError as error:
         return fail(str(error), EXIT_BAD_INPUT, args)
+    except BrokenPipeError:  # the reader went away (`attnjax ... | head`): stop quietly
+        quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return fail("interrupted", 130, args)
     except Exception as error:  # one line, not a traceback, unless --debug
         if isinstance(error, (ValueError, FileNotFoundError)):
             return fail(str(error), EXIT_BAD_INPUT, args)
         return fail(f"{type(error).__name__}: {error} (run with --debug for the traceback)", EXIT_FAILURE, args)
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
 
 
 def fail(message: str, status: int, args) -> int:
@@ -159,12 +178,19 @@ def quiet_libraries() -> None:
 
 def load_model(name: str, flag: str = "--model", dtype: str = "float32"):
     import attnjax
+    from attnjax.models.checkpoints import TOKENIZER_FILES
 
     quiet_libraries()
     try:
-        return attnjax.load(name, dtype=None if dtype == "float32" else dtype)
+        model = attnjax.load(name, dtype=None if dtype == "float32" else dtype)
     except ValueError as error:  # CheckpointError, UnsupportedConfigError
         raise InputError(f"{flag} {name}: {error}") from None
+    if model.tokenizer is None:
+        raise InputError(
+            f"{flag} {name} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}), so the command "
+            "cannot turn text into tokens. Copy the checkpoint's tokenizer files into the directory, or "
+            "pass token ids from Python: model.forward(model.params, input_ids).")
+    return model
 
 
 def run_report(args) -> int:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from attnjax import cli
@@ -116,3 +117,54 @@ def test_bfloat16_is_for_the_decoders(capsys, tmp_path):
                               "--out", str(tmp_path / "r.html"))
     assert status == 2
     assert_one_line_error(err, "--model minilm", "bfloat16", "float32 only")
+
+
+def test_version(capsys):
+    from attnjax import __version__
+
+    status, out, _ = run_main(capsys, "--version")
+    assert status == 0
+    assert out.strip() == f"attnjax {__version__}"
+
+
+def test_top_level_debug_survives_the_subcommand(capsys, tmp_path):
+    # `attnjax --debug report ...` used to lose --debug to the subcommand's default.
+    args = cli.build_parser().parse_args(["--debug", "report", "--text", "x"])
+    assert args.debug is True
+    args = cli.build_parser().parse_args(["report", "--debug", "--text", "x"])
+    assert args.debug is True
+    assert cli.build_parser().parse_args(["report"]).debug is False
+
+
+def test_model_without_tokenizer_is_a_clear_error(capsys, tmp_path):
+    from tests.tiny_models import tiny_gpt2
+
+    tiny_gpt2(tmp_path / "no-tokenizer", with_tokenizer=False)
+    capsys.readouterr()  # save_pretrained's progress bar
+    status, _, err = run_main(capsys, "report", "--model", str(tmp_path / "no-tokenizer"),
+                              "--text", "hello", "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "has no tokenizer", "tokenizer.json", "model.forward(model.params, input_ids)")
+
+
+def test_negative_token_counts_from_the_end():
+    from attnjax.viz.report import ReportInputError, choose_token
+
+    tokens = ("[CLS]", "the", "cat", "[SEP]")
+    positions = np.arange(4)
+    assert choose_token(tokens, positions, -1) == 3
+    assert choose_token(tokens, positions, -4) == 0
+    with pytest.raises(ReportInputError, match="-1..-4 from the end"):
+        choose_token(tokens, positions, -5)
+
+
+def test_a_closed_pipe_ends_quietly(capsys, monkeypatch):
+    # `attnjax report ... | head`: printing into the closed pipe raises BrokenPipeError;
+    # the command stops quietly with 128 + SIGPIPE instead of a traceback.
+    def reader_went_away(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "run_report", reader_went_away)
+    status, _, err = run_main(capsys, "report", "--text", "x")
+    assert status == cli.EXIT_BROKEN_PIPE == 141
+    assert err == ""

@@ -342,10 +342,13 @@ def has_pooler(tensors: Mapping[str, Any]) -> bool:
     return any(key.split(".", 1)[-1].startswith("pooler.") or key.startswith("pooler.") for key in tensors)
 
 
+# Files that make a directory's tokenizer; without any of them a model loads without one.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(directory: Path):
     """transformers' AutoTokenizer when the directory has tokenizer files, else None."""
-    names = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
-    if not any((directory / name).is_file() for name in names):
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 

@@ -110,13 +110,17 @@ def count_tokens(model, text: str) -> int:
 
 def choose_token(tokens: Sequence[str], positions: np.ndarray, token: Union[int, str, None],
                  special: Collection[str] = SPECIAL_TOKENS) -> int:
-    """Position for the token-flow chart: an int position, the first token matching a
-    string, or by default the last token that is not special (``special``: token
-    strings, e.g. the model tokenizer's special tokens) or punctuation."""
+    """Position for the token-flow chart: an int position (negative: counted from the
+    end, -1 the last token), the first token matching a string, or by default the last
+    token that is not special (``special``: token strings, e.g. the model tokenizer's
+    special tokens) or punctuation."""
     if isinstance(token, (int, np.integer)):
+        if -len(positions) <= int(token) < 0:  # counted from the end: -1 is the last token
+            return int(positions[int(token)])
         if int(token) not in set(int(p) for p in positions):
             raise ReportInputError(f"--token {token} is not a token position; the text has positions "
-                                   f"{int(positions[0])}..{int(positions[-1])}.")
+                                   f"{int(positions[0])}..{int(positions[-1])} (or -1..-{len(positions)} "
+                                   "from the end).")
         return int(token)
     if isinstance(token, str) and token.strip():
         wanted = token.strip().lower()
