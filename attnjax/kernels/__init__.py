@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from attnjax.kernels.blockwise import BlockSizes as BlockwiseBlockSizes
 from attnjax.kernels.blockwise import blockwise_attention, blockwise_core
 from attnjax.kernels.pallas_attention import BlockSizes as PallasBlockSizes
-from attnjax.kernels.pallas_attention import pallas_attention
+from attnjax.kernels.pallas_attention import pallas_attention, pallas_core
 from attnjax.kernels.reference import (
     MASK_VALUE,
     masked_softmax,
@@ -62,6 +62,7 @@ __all__ = [
     "normalize",
     "blockwise_attention",
     "pallas_attention",
+    "pallas_core",
     "reference_attention",
     "reference_attention_weights",
     "reference_core",
@@ -119,8 +120,8 @@ def pallas_compiles(backend: str, dtype: str, head_dim: int) -> bool:
             spec = AttentionSpec(scale=1.0 / head_dim ** 0.5, causal=True, window=probe["window"],
                                  softcap=probe["softcap"], groups=probe["heads"] // probe["kv_heads"])
             stats_spec = dataclasses.replace(spec, stats=True, pool=4)
-            out, stats = _pallas_core(q, k, v, mask, stats_spec)
-            loss = lambda q, k, v: jnp.sum(_pallas_core(q, k, v, mask, spec).astype(jnp.float32))
+            out, stats = pallas_core(q, k, v, mask, stats_spec)
+            loss = lambda q, k, v: jnp.sum(pallas_core(q, k, v, mask, spec).astype(jnp.float32))
             results.append((out, stats, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
         return results
 
@@ -141,13 +142,6 @@ def pallas_compiles(backend: str, dtype: str, head_dim: int) -> bool:
             "impl='pallas' to see the full error.",
             RuntimeWarning, stacklevel=3)
         return False
-
-
-def _pallas_core(q, k, v, mask, spec: AttentionSpec):
-    """The Pallas implementation's core (imported at call time: it imports this package's
-    shared helpers)."""
-    from attnjax.kernels.pallas_attention import pallas_core
-    return pallas_core(q, k, v, mask, spec)
 
 
 def attention(
@@ -212,4 +206,4 @@ def attention(
         return out, jax.lax.stop_gradient(statistics)
     if name == "blockwise":
         return blockwise_core(q, k, v, mask, spec)
-    return _pallas_core(q, k, v, mask, spec)
+    return pallas_core(q, k, v, mask, spec)

@@ -17,6 +17,9 @@ map itself. For one head, with p the softmax row of query i over keys k:
                     (bin of position t is floor(t * P / T)), and each cell holds the
                     mean of p over the (query, key) pairs in that bin pair.
 
+Statistics are per query head: under grouped-query attention ``heads`` is the number
+of query heads, and each head's map is the softmax of its own (soft-capped) scores
+over the keys it sees (its kv head's keys, within the causal window).
 Per-query arrays are (batch, heads, query); ``received`` is (batch, heads, key);
 ``pooled`` is (batch, heads, P, P) or None. A fully masked query row (e.g. a padding
 query under a causal mask with no visible key) has every statistic 0, never NaN.
