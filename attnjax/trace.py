@@ -2,7 +2,8 @@
 
 ``Capture`` is a frozen, hashable config: pass it as a static argument under
 ``jax.jit``. ``Trace`` is a registered pytree dataclass: its arrays flow through
-jit/vmap/grad, while ``tokens`` and ``layers`` ride along as static data.
+jit/vmap/grad, while ``tokens``, ``layers``, ``windows`` and ``causal`` ride along as
+static data.
 
 Array layouts (L = number of recorded layers, B batch, H heads, T sequence):
 
@@ -16,6 +17,19 @@ Array layouts (L = number of recorded layers, B batch, H heads, T sequence):
 - ``stats``            AttentionStats with a leading L axis (streaming, no T x T);
 - ``mask``             (B, T) bool, True at real tokens;
 - ``input_ids``        (B, T) int32.
+
+Static fields:
+
+- ``layers``   the model layer index (0-based) of each entry of the L axis; () when the
+               Trace records no per-layer array (or was built by hand: then 0..L-1);
+- ``windows``  the sliding window of each recorded layer, aligned with ``layers``: None
+               (full attention) or W, where query i sees key j only when
+               i - W < j <= i (Mistral on every layer, Gemma 2 on alternating layers,
+               Qwen2/3 on layers >= max_window_layers). () means no recorded layer has a
+               window (BERT, GPT-2, Llama, hand-built Traces). Analyses count a query's
+               visible keys, and so normalise entropy, within its layer's window;
+- ``tokens``   the token strings of each sequence (padded to T), or None;
+- ``causal``   True for decoders: query i sees keys j <= i.
 """
 
 from __future__ import annotations
@@ -102,6 +116,7 @@ class Trace:
     attention_output: Optional[jax.Array] = None      # (L, B, T, D)
     stats: Optional[AttentionStats] = None            # leaves (L, B, H, ...)
     layers: Tuple[int, ...] = struct.field(pytree_node=False, default=())
+    windows: Tuple[Optional[int], ...] = struct.field(pytree_node=False, default=())  # per recorded layer
     tokens: Optional[Tuple[Tuple[str, ...], ...]] = struct.field(pytree_node=False, default=None)
     causal: bool = struct.field(pytree_node=False, default=False)
 

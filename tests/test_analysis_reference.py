@@ -21,35 +21,34 @@ SCORES = (
 )
 
 
-def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False, dtype=np.float64):
+def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False, dtype=np.float64, windows=None):
     """dict score -> (L, H), per the definitions in attnjax/analysis/scores.py.
 
     dtype: the precision of the arithmetic (float32 in benchmarks/analysis.py).
+    windows: None, or one sliding window per layer (None or W: query i sees keys
+    i - W < k <= i); a query is eligible for a score only if the keys it is about are
+    inside its window.
     """
     attention = np.asarray(attention, dtype)
     mask = np.asarray(mask, bool)
     input_ids = np.asarray(input_ids)
     num_layers, batch, heads, seq, _ = attention.shape
+    windows = [None] * num_layers if windows is None else list(windows)
     position = np.arange(seq)
-    visible = np.broadcast_to(mask[:, None, :], (batch, seq, seq)).copy()
-    if causal:
-        visible &= position[None, :, None] >= position[None, None, :]
-    n_visible = visible.sum(-1)  # (B, T)
+    query_at, key_at = position[None, :, None], position[None, None, :]  # i, k
     queries = mask  # (B, T)
-    spread = mask & (n_visible >= 2)
-    previous = mask & np.pad(mask[:, :-1], ((0, 0), (1, 0)))
     following = mask & np.pad(mask[:, 1:], ((0, 0), (0, 1)))
     same = (input_ids[:, :, None] == input_ids[:, None, :]) & mask[:, :, None] & mask[:, None, :]
-    duplicate = same & (position[None, None, :] < position[None, :, None])  # key k < query i
+    duplicate = same & (key_at < query_at)  # key k < query i
     induction = np.zeros_like(duplicate)
     induction[:, :, 1:] = duplicate[:, :, :-1]
     induction &= mask[:, None, :]
-    repeat = mask & duplicate.any(-1)
     classes = np.zeros((3, batch, seq), bool)
     if tokens is not None:
         tokens = np.asarray(tokens, dtype=object)
-        classes[0] = np.isin(tokens, ["[CLS]", "<s>"]) & mask
-        classes[1] = np.isin(tokens, ["[SEP]", "</s>"]) & mask
+        if not causal:  # a decoder has no [CLS]/[SEP]: its "<s>" is the position-0 sink
+            classes[0] = np.isin(tokens, ["[CLS]", "<s>"]) & mask
+            classes[1] = np.isin(tokens, ["[SEP]", "</s>"]) & mask
         stripped = np.vectorize(lambda t: t[1:] if t[:1] in ("Ġ", "▁") and len(t) > 1 else t)(tokens)
         classes[2] = np.isin(stripped, [".", ","]) & mask
     distance = np.abs(position[:, None] - position[None, :]).astype(dtype)
@@ -61,6 +60,19 @@ def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False,
 
     out = {name: np.zeros((num_layers, heads)) for name in SCORES}
     for layer in range(num_layers):
+        window = windows[layer]
+        inside = np.ones((1, seq, seq), bool) if window is None else key_at > query_at - window  # (1, T, T)
+        visible = mask[:, None, :] & inside
+        if causal:
+            visible = visible & (key_at <= query_at)  # (B, T, T)
+        n_visible = visible.sum(-1)  # (B, T)
+        spread = mask & (n_visible >= 2)
+        previous = mask & np.pad(visible[:, position[1:], position[1:] - 1], ((0, 0), (1, 0)))  # i - 1 visible
+        first = mask & inside[:, :, 0]  # key 0 inside the window
+        repeat = mask & (duplicate & inside).any(-1)  # an earlier copy inside the window
+        successor = np.zeros_like(inside)
+        successor[:, :, :-1] = inside[:, :, 1:]  # [i, j]: key j + 1 inside the window (j < i)
+        repeat_next = mask & (duplicate & successor).any(-1)  # ... an earlier copy whose next key is
         p = attention[layer]  # (B, H, T, T)
         with np.errstate(divide="ignore", invalid="ignore"):
             plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
@@ -75,14 +87,14 @@ def reference_head_scores(attention, mask, input_ids, tokens=None, causal=False,
         nxt = np.zeros((batch, heads, seq), dtype)
         nxt[..., :-1] = p[..., position[:-1], position[:-1] + 1]
         out["next_token"][layer] = mean(nxt, following)
-        out["first_token"][layer] = mean(p[..., 0], queries)
+        out["first_token"][layer] = mean(p[..., 0], first)
         for index, name in enumerate(("cls", "sep", "punctuation")):
             if classes[index].any():
                 out[name][layer] = mean((p * classes[index][:, None, None, :]).sum(-1), queries)
             else:
                 out[name][layer] = np.nan
         out["mean_distance"][layer] = mean((p * distance).sum(-1), queries)
-        out["induction"][layer] = mean((p * induction[:, None]).sum(-1), repeat)
+        out["induction"][layer] = mean((p * induction[:, None]).sum(-1), repeat_next)
         out["duplicate"][layer] = mean((p * duplicate[:, None]).sum(-1), repeat)
     return out
 
@@ -174,12 +186,14 @@ def reference_similarity(maps, mask, metric="jsd", dtype=np.float64):
     return out
 
 
-def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.9, window=2, decisive=0.5):
+def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.9, window=2, decisive=0.5,
+                             windows=None):
     """Per-head (L, H) concentrated share and jump score (attnjax/analysis/anomalies.py).
 
     concentrated: share of non-padding queries with top-2 mass >= ``mass`` whose argmax is
     position 0, a special token, or the head's most frequent argmax in that sequence.
-    jump: mean over adjacent query pairs of |argmax step| / tokens, counting only pairs of
+    jump: mean over adjacent query pairs of |argmax step| / span (the sequence's tokens,
+    or the layer's sliding window from ``windows`` if smaller), counting only pairs of
     decisive queries (max weight >= ``decisive``) whose argmaxes are not both explained.
     """
     attention = np.asarray(attention, np.float64)
@@ -224,7 +238,8 @@ def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.
                     if weights[i].max() < decisive or weights[i + 1].max() < decisive:
                         continue
                     if not (explained(i, k0) and explained(i + 1, k1)):
-                        jump[layer, head] += abs(k1 - k0) / n
+                        span = n if windows is None or windows[layer] is None else min(n, windows[layer])
+                        jump[layer, head] += abs(k1 - k0) / span
     return concentrated, jump / max(pairs, 1)
 
 

@@ -5,7 +5,8 @@ Analyses see a Trace through three helpers:
 
 - ``as_traces``      one Trace or a sequence of Traces (a corpus) -> a checked list;
 - ``require_attention`` / ``has_attention``  whether full (L, B, H, T, T) maps exist;
-- ``validate_attention``  rows sum to 1 over visible keys, nothing on invisible keys.
+- ``validate_attention``  rows sum to 1 over visible keys, nothing on invisible keys;
+- ``trace_windows``       each recorded layer's sliding window (None: full attention).
 
 Nothing here modifies a Trace: jax arrays are immutable, and token tuples are read only.
 """
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
-from attnjax.analysis._terms import attention_row_checks
+from attnjax.analysis._terms import Windows, attention_row_checks, layer_windows
 from attnjax.trace import Trace
 
 TraceOrTraces = Union[Trace, Sequence[Trace]]
@@ -77,6 +78,11 @@ def as_traces(trace: TraceOrTraces) -> list:
                 f"trace 0 holds layers {layer_ids(first)} x {first.num_heads} heads; a corpus "
                 "must come from one model with one Capture."
             )
+        if trace_windows(item) != trace_windows(first):
+            raise ValueError(
+                f"Trace {index} has sliding windows {trace_windows(item)} per layer, but trace 0 has "
+                f"{trace_windows(first)}; a corpus must come from one model with one Capture."
+            )
         if has_attention(item) != has_attention(first):
             raise ValueError(
                 f"Trace {index} {'has' if has_attention(item) else 'lacks'} full attention but "
@@ -123,6 +129,20 @@ def check_trace(trace: Trace) -> None:
             f"Trace.layers = {trace.layers} names {len(trace.layers)} layers but the arrays hold "
             f"{num_layers}."
         )
+    if trace.windows:
+        if len(trace.windows) != num_layers:
+            raise ValueError(
+                f"Trace.windows = {trace.windows} names {len(trace.windows)} layers but the arrays hold "
+                f"{num_layers}; give one window (None or W) per recorded layer, or () for none."
+            )
+        bad = [w for w in trace.windows if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1)]
+        if bad:
+            raise ValueError(f"Trace.windows = {trace.windows} holds {bad[0]!r}; each entry must be None or a positive int.")
+        if not trace.causal and any(w is not None for w in trace.windows):
+            raise ValueError(
+                f"Trace.windows = {trace.windows} sets a sliding window on a non-causal Trace; a window "
+                "(query i sees keys i - W < k <= i) needs Trace.causal=True."
+            )
     if not bool(np.any(np.asarray(trace.mask))):
         raise ValueError("Every position of the Trace is padding (mask all False); nothing to analyse.")
 
@@ -135,6 +155,11 @@ def num_layers(trace: Trace) -> int:
 def layer_ids(trace: Trace) -> Tuple[int, ...]:
     """The model layer index of each entry of the L axis (0-based)."""
     return tuple(trace.layers) if trace.layers else tuple(range(num_layers(trace)))
+
+
+def trace_windows(trace: Trace) -> Windows:
+    """The sliding window of each entry of the L axis: None (full attention) or W."""
+    return layer_windows(trace.windows, num_layers(trace))
 
 
 def layer_position(trace: Trace, layer: int) -> int:
@@ -222,13 +247,15 @@ def row_sum_atol(dtype) -> float:
 
 
 def validate_attention(trace: Trace, checks: Optional[dict] = None) -> None:
-    """Raise ValueError unless every non-padding query row is a distribution over visible keys.
+    """Raise ValueError unless every non-padding query row is a distribution over visible keys
+    (non-padding; earlier for causal Traces; within the layer's sliding window, if any).
 
     checks: row_sum, hidden (L, B, H, T) and lowest (B,) from _terms (computed if None,
     passed in where another pass over the maps already produced them).
     """
     if checks is None:
-        checks = attention_row_checks(trace.attention, trace.mask, causal=trace.causal)
+        checks = attention_row_checks(trace.attention, trace.mask, causal=trace.causal,
+                                      windows=trace_windows(trace))
     checks = jax.device_get({name: checks[name] for name in ("row_sum", "hidden", "lowest")})
     query = np.asarray(trace.mask, bool)[None, :, None, :]  # (1, B, 1, T)
     row_sum = np.where(query, np.asarray(checks["row_sum"], np.float64), 1.0)  # (L, B, H, T)
@@ -253,9 +280,13 @@ def validate_attention(trace: Trace, checks: Optional[dict] = None) -> None:
     hidden = float(np.where(query, np.asarray(checks["hidden"], np.float64), 0.0).max())
     if hidden > atol:
         what = "padding or future keys" if trace.causal else "padding keys"
+        check = "Trace.mask matches the forward's mask and Trace.causal the model"
+        if any(window is not None for window in trace_windows(trace)):
+            what = "padding, future or out-of-window keys"
+            check += f" (and Trace.windows = {trace.windows} its sliding windows)"
         raise ValueError(
             f"Trace.attention puts weight {hidden:.3g} on {what}; attention must be 0 on keys the "
-            "mask hides. Check that Trace.mask matches the forward's mask and Trace.causal the model."
+            f"mask hides. Check that {check}."
         )
 
 

@@ -14,7 +14,10 @@ layered graph (edge from token i after layer l to token j before it, capacity A_
 and takes the max-flow from (l, i) to input j, normalised over inputs.
 
 Rollout and flow need every layer from the first recorded one up to l: they refuse a
-Trace whose recorded layers have gaps.
+Trace whose recorded layers have gaps. Sliding windows (Trace.windows) need nothing
+special: A_l holds no attention outside a layer's window (validate_attention checks),
+and the products and max-flows carry that through, so information from outside the
+window still arrives through earlier layers, as it does in the model.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from attnjax.analysis._common import (
     layer_position,
     require_attention,
     token_strings,
+    trace_windows,
     validate_attention,
 )
 from attnjax.trace import Trace
@@ -246,7 +250,8 @@ def token_flow(
     Columns: layer (int), head (int; -1 = the mean over heads), sequence (int),
     query (int), query_token (str), key (int), key_token (str), weight (float),
     rank (int: 1 = the most attended key in that layer/head), top (bool: rank <= top_k).
-    One row per (layer, head or mean, visible key).
+    One row per (layer, head or mean, visible key); on a layer with a sliding window W
+    the visible keys are those inside it (position - W < key <= position).
     """
     as_single_trace(trace, "token_flow")
     require_attention(trace, "token_flow")
@@ -264,31 +269,37 @@ def token_flow(
     validate_attention(trace)
     rows = np.asarray(trace.attention[:, sequence, :, position, :], np.float64)  # (L, H, T)
     rows = np.concatenate([rows.mean(1, keepdims=True), rows], axis=1)  # (L, 1 + H, T)
-    visible = mask.copy()
-    if trace.causal:
-        visible[position + 1 :] = False
-    keys = np.flatnonzero(visible)
-    rows = rows[:, :, keys]  # (L, 1 + H, n)
-    order = np.argsort(-rows, axis=-1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(1, len(keys) + 1)[None, None], axis=-1)
-    num_layers, num_views, n = rows.shape
-    ids = layer_ids(trace)
+    num_views = rows.shape[1]
+    key_position = np.arange(mask.shape[0])
     tokens = token_strings(trace)
     names = tokens[sequence] if tokens is not None else np.full(mask.shape[0], "", object)
     heads = np.concatenate([[ALL_HEADS], np.arange(num_views - 1)])
-    frame = pd.DataFrame({
-        "layer": np.repeat(np.asarray(ids, np.int64), num_views * n),
-        "head": np.tile(np.repeat(heads, n), num_layers).astype(np.int64),
-        "sequence": np.int64(sequence),
-        "query": np.int64(position),
-        "query_token": names[position],
-        "key": np.tile(keys, num_layers * num_views).astype(np.int64),
-        "key_token": np.tile(names[keys], num_layers * num_views),
-        "weight": rows.reshape(-1),
-        "rank": rank.reshape(-1).astype(np.int64),
-        "top": rank.reshape(-1) <= top_k,
-    })
+    parts = []
+    for layer_id, window, layer_rows in zip(layer_ids(trace), trace_windows(trace), rows):
+        visible = mask.copy()  # (T,) the keys this layer lets the query see
+        if trace.causal:
+            visible &= key_position <= position
+        if window is not None:
+            visible &= key_position > position - window
+        keys = np.flatnonzero(visible)
+        weights = layer_rows[:, keys]  # (1 + H, n)
+        order = np.argsort(-weights, axis=-1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(1, len(keys) + 1)[None], axis=-1)
+        n = len(keys)
+        parts.append(pd.DataFrame({
+            "layer": np.int64(layer_id),
+            "head": np.repeat(heads, n).astype(np.int64),
+            "sequence": np.int64(sequence),
+            "query": np.int64(position),
+            "query_token": names[position],
+            "key": np.tile(keys, num_views).astype(np.int64),
+            "key_token": np.tile(names[keys], num_views),
+            "weight": weights.reshape(-1),
+            "rank": rank.reshape(-1).astype(np.int64),
+            "top": rank.reshape(-1) <= top_k,
+        }))
+    frame = pd.concat(parts, ignore_index=True)
     if layer is not None:
         frame = frame[frame["layer"] == layer]
     if head is not None:

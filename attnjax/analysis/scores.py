@@ -1,9 +1,11 @@
 """Per-head attention scores (Clark et al. 2019; Olsson et al. 2022), one row per head.
 
 For head (l, h) and a non-padding query i of sequence b, p = attention[l, b, h, i, :]
-is a distribution over the keys visible to i (non-padding keys; keys <= i for causal
-models). Every score is a mean over queries of a per-query quantity; the mean runs over
-every eligible query of every sequence in the batch (or corpus), each counted once:
+is a distribution over the keys visible to i: non-padding keys; keys k <= i for causal
+models; and, on a layer with a sliding window W (Trace.windows: Mistral, Gemma 2,
+Qwen2/3), only i - W < k <= i. Every score is a mean over queries of a per-query
+quantity; the mean runs over every eligible query of every sequence in the batch (or
+corpus), each counted once:
 
 ==================  =========================================  ==============================
 column              per-query quantity                         eligible queries
@@ -13,33 +15,48 @@ normalized_entropy  entropy / ln(number of visible keys)       ... with at least
 max_weight          max_k p_k                                  every non-padding query
 self                p_i                                        every non-padding query
 previous_token      p_(i-1) (Clark's np.eye(n, n, -1))         i >= 1 with i - 1 non-padding
+                                                               (and visible: W >= 2)
 next_token          p_(i+1) (0 for causal models)              i + 1 exists and is non-padding
-first_token         p_0 (key position 0: [CLS] / the sink)     every non-padding query
+first_token         p_0 (key position 0: [CLS] / the sink)     every non-padding query that
+                                                               sees position 0 (i < W)
 cls                 sum of p over [CLS]-like keys              every non-padding query
 sep                 sum of p over [SEP]-like keys              every non-padding query
 punctuation         sum of p over "." and "," keys             every non-padding query
 mean_distance       sum_k p_k |i - k| (tokens)                 every non-padding query
-duplicate           sum of p over earlier k < i with the       queries whose token occurred
-                    same token id (Olsson et al. 2022)         earlier in the sequence
-induction           sum of p over keys k whose previous        same as duplicate
-                    token k - 1 is an earlier occurrence of
-                    the current token (Olsson et al. 2022;
-                    TransformerLens's induction diagonal)
+duplicate           sum of p over earlier k < i with the       queries with an earlier copy of
+                    same token id (Olsson et al. 2022)         their token that they see
+                                                               (at k > i - W)
+induction           sum of p over keys k whose previous        queries with an earlier copy at
+                    token k - 1 is an earlier occurrence of    k - 1 whose successor k they
+                    the current token (Olsson et al. 2022;     see (k - 1 >= i - W; k - 1 itself
+                    TransformerLens's induction diagonal)      may have left the window)
 concentrated        1 if the two largest weights sum to >=     every non-padding query
                     0.9 and the argmax is a sink or the
                     head's favourite key (anomalies.py)
-jump                |argmax(i+1) - argmax(i)| / tokens for     adjacent pairs (i, i + 1) of
-                    decisive, unexplained steps (anomalies.py) non-padding queries
+jump                |argmax(i+1) - argmax(i)| / span for       adjacent pairs (i, i + 1) of
+                    decisive, unexplained steps; span: the     non-padding queries
+                    sequence's tokens, or W if smaller
+                    (anomalies.py)
 ==================  =========================================  ==============================
 
+Sliding windows (the parenthesised conditions, which hold for every query without a
+window). A score measures how a head uses what it can see, so a query counts towards a
+score only if the keys that score is about are visible to it in that layer: at long
+context, a windowed layer's induction or sink score is the mean over the queries that
+could attend to an earlier copy or to position 0, not diluted by the many that cannot.
+The per-query quantities need no window: keys outside it hold no attention (checked by
+validate_attention), so a sum over a key set is the same whether or not the set is cut
+to the window. Without windows every condition reduces to the definitions of Clark et
+al. and Olsson et al.
+
 cls / sep / punctuation are NaN when no key of that class occurs (e.g. GPT-2 has no
-[CLS]); induction / duplicate are NaN when no token repeats. With a stats-only Trace
-(Capture(stats=True), no T x T maps) entropy, normalized_entropy, max_weight, self,
-previous_token, first_token and mean_distance come from the per-query statistics, and
-cls / sep / punctuation from ``received`` (column sums over non-padding queries: the mean
-mass on a key set is the sum of its received mass over the number of queries); concentrated
-and jump use max_prob (the top weight only) and argmax; next_token, induction and
-duplicate need the maps and are NaN.
+[CLS]); induction / duplicate are NaN when no token repeats (within reach). With a
+stats-only Trace (Capture(stats=True), no T x T maps) entropy, normalized_entropy,
+max_weight, self, previous_token, first_token and mean_distance come from the per-query
+statistics, and cls / sep / punctuation from ``received`` (column sums over non-padding
+queries: the mean mass on a key set is the sum of its received mass over the number of
+queries); concentrated and jump use max_prob (the top weight only) and argmax;
+next_token, induction and duplicate need the maps and are NaN.
 """
 
 from __future__ import annotations
@@ -62,16 +79,19 @@ from attnjax.analysis._common import (
     layer_ids,
     token_classes,
     token_strings,
+    trace_windows,
     validate_attention,
 )
 from attnjax.analysis._terms import (
     CONCENTRATED_MASS,
     DECISIVE,
     LOCAL_WINDOW,
+    Windows,
     anomaly_sums,
     attention_score_terms,
-    earlier_matches,
-    visible_keys,
+    layer_windows,
+    previous_occurrence,
+    visible_counts,
 )
 from attnjax.trace import Trace
 
@@ -87,8 +107,8 @@ NEEDS_MAPS: Tuple[str, ...] = ("next_token", "induction", "duplicate")
 # Which queries each score averages over (see the module docstring).
 _ELIGIBLE = {
     "entropy": "query", "normalized_entropy": "spread", "max_weight": "query", "self": "query",
-    "previous_token": "previous", "next_token": "next", "first_token": "query", "cls": "query",
-    "sep": "query", "punctuation": "query", "mean_distance": "query", "induction": "repeat",
+    "previous_token": "previous", "next_token": "next", "first_token": "first", "cls": "query",
+    "sep": "query", "punctuation": "query", "mean_distance": "query", "induction": "repeat_successor",
     "duplicate": "repeat", "concentrated": "query", "jump": "pairs",
 }
 _CLASS_COLUMNS = ("cls", "sep", "punctuation")
@@ -150,7 +170,7 @@ def head_scores(
         if name not in sums:
             means[name] = np.full(sums["entropy"].shape, np.nan)
             continue
-        count = counts[_ELIGIBLE[name]]
+        count = counts[_ELIGIBLE[name]][:, None]  # (L, 1): eligibility can differ by layer (windows)
         with np.errstate(invalid="ignore", divide="ignore"):
             means[name] = np.where(count > 0, sums[name] / np.maximum(count, 1), np.nan)
     for channel, name in enumerate(_CLASS_COLUMNS):
@@ -162,7 +182,7 @@ def head_scores(
     targets = np.stack([sums["on_first"], sums["on_special"], sums["concentrated"] - sums["on_first"] - sums["on_special"]])
     labels = np.array([first_label, "[CLS]/[SEP]", "a fixed key"], dtype=object)[targets.argmax(0)]  # (L, H)
     means["concentrated_on"] = np.where(sums["concentrated"] > 0, labels, "")
-    frame = _frame(layer_ids(first), counts["query"], means, source)
+    frame = _frame(layer_ids(first), counts["query"][0], means, source)
     frame.attrs["anomaly_parameters"] = parameters
     return frame
 
@@ -180,37 +200,57 @@ def _frame(layers, n_queries, means, source) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool) -> Dict[str, jax.Array]:
-    """(B, T) float32 selectors of the eligible queries of each score (module docstring)."""
+@functools.partial(jax.jit, static_argnames=("causal", "windows"))
+def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool,
+                  windows: Windows = (None,)) -> Dict[str, jax.Array]:
+    """(L, B, T) float32 selectors of the eligible queries of each score (module docstring).
+
+    windows: one entry per layer (None: full attention, or the sliding window W); the
+    leading axis of every selector has its length. O(T log T): no (T, T) array.
+    """
     mask = mask.astype(bool)
-    n_visible = visible_keys(mask, causal).sum(-1)  # (B, T)
+    seq = mask.shape[1]
+    position = jnp.arange(seq)[None, :]  # (1, T)
     before = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)))  # (B, T) position i - 1 is a token
     after = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))  # (B, T) position i + 1 is a token
-    duplicate, _ = earlier_matches(input_ids, mask)  # (B, T, T)
-    weights = {
-        "query": mask,
-        "spread": mask & (n_visible >= 2),
-        "previous": mask & before,
-        "next": mask & after,
-        "repeat": mask & duplicate.any(-1),
-        "pairs": mask & after,  # adjacent query pairs (i, i + 1), both non-padding
-    }
-    return {name: value.astype(jnp.float32) for name, value in weights.items()}
+    latest = previous_occurrence(input_ids, mask)  # (B, T) latest earlier copy, -1 if none
+    repeats = mask & (latest >= 0)  # (B, T)
+    back = position - latest  # (B, T) tokens back to that copy (where repeats)
+    by_window = {}
+    for window in dict.fromkeys(windows):
+        n_visible = visible_counts(mask, causal, window)  # (B, T)
+        reach = seq if window is None else window  # keys i - reach < k <= i can be seen
+        by_window[window] = {
+            "query": mask,
+            "spread": mask & (n_visible >= 2),
+            "previous": mask & before & (reach >= 2),  # i - 1 inside the window
+            "next": mask & after,
+            "first": mask & (position < reach),  # key 0 inside the window
+            "repeat": repeats & (back < reach),  # the copy itself inside the window
+            "repeat_successor": repeats & (back <= reach),  # the key after the copy inside it
+            "pairs": mask & after,  # adjacent query pairs (i, i + 1), both non-padding
+        }
+    names = by_window[windows[0]].keys()
+    return {name: jnp.stack([by_window[w][name] for w in windows]).astype(jnp.float32) for name in names}  # (L, B, T)
 
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def stats_terms(stats, mask: jax.Array, classes: jax.Array, *, causal: bool) -> Dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("causal", "windows"))
+def stats_terms(stats, mask: jax.Array, classes: jax.Array, *, causal: bool, windows: Windows = ()) -> Dict[str, jax.Array]:
     """Per-query quantities that the streaming AttentionStats give, (L, B, H, T) each.
 
     ``top2`` is max_prob (the stats know only the largest weight: a lower bound).
+    windows: each layer's sliding window (() for none); normalized_entropy divides by ln
+    of the keys each query sees in its layer.
 
     cls / sep / punctuation are returned per (L, B, H) as summed mass over the batch's
     queries (from ``received``), under the keys ``cls_total`` etc.
     """
     mask = mask.astype(bool)
-    n_visible = visible_keys(mask, causal).sum(-1).astype(jnp.float32)  # (B, T)
-    log_visible = jnp.log(jnp.maximum(n_visible, 2.0))[None, :, None]  # (1, B, 1, T)
     entropy = stats.entropy.astype(jnp.float32)  # (L, B, H, T)
+    windows = layer_windows(windows, entropy.shape[0])
+    by_window = {window: visible_counts(mask, causal, window) for window in dict.fromkeys(windows)}  # (B, T) each
+    n_visible = jnp.stack([by_window[window] for window in windows]).astype(jnp.float32)  # (L, B, T)
+    log_visible = jnp.log(jnp.maximum(n_visible, 2.0))[:, :, None, :]  # (L, B, 1, T)
     received = stats.received.astype(jnp.float32)  # (L, B, H, T)
     class_total = jnp.einsum("LBHK,BKC->LBHC", received, classes)  # (L, B, H, 3)
     return {
@@ -231,33 +271,37 @@ def stats_terms(stats, mask: jax.Array, classes: jax.Array, *, causal: bool) -> 
 
 def trace_terms(trace: Trace, classes: np.ndarray) -> Dict[str, jax.Array]:
     """Per-query score quantities (L, B, H, T) of one Trace, from maps (validated) or stats."""
+    windows = trace_windows(trace)
     if has_attention(trace):
         terms = attention_score_terms(
-            trace.attention, trace.mask, trace.input_ids, jnp.asarray(classes), causal=trace.causal
+            trace.attention, trace.mask, trace.input_ids, jnp.asarray(classes), causal=trace.causal,
+            windows=windows,
         )
         validate_attention(trace, terms)
         return terms
-    return stats_terms(trace.stats, trace.mask, jnp.asarray(classes), causal=trace.causal)
+    return stats_terms(trace.stats, trace.mask, jnp.asarray(classes), causal=trace.causal, windows=windows)
 
 
 @jax.jit
 def _weighted_sums(terms: Dict[str, jax.Array], weights: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
     out = {}
     for name, value in terms.items():
-        out[name] = jnp.einsum("LBHQ,BQ->LH", value, weights[_ELIGIBLE[name]])  # (L, H)
+        out[name] = jnp.einsum("LBHQ,LBQ->LH", value, weights[_ELIGIBLE[name]])  # (L, H)
     return out
 
 
 def score_sums(trace: Trace, classes: np.ndarray, parameters: dict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """Sums over eligible queries (L, H) of every available score, and the query counts."""
+    """Sums over eligible queries (L, H) of every available score, and the eligible query
+    counts per layer (L,) (windows make them differ by layer)."""
+    windows = trace_windows(trace)
     terms = trace_terms(trace, classes)
-    weights = query_weights(trace.mask, trace.input_ids, trace.causal)
+    weights = query_weights(trace.mask, trace.input_ids, causal=trace.causal, windows=windows)  # (L, B, T) each
     per_query = {name: terms[name] for name in SCORE_COLUMNS if name in terms}
     special = jnp.asarray(classes[..., 0] + classes[..., 1] > 0)  # (B, T)
     anomalies = anomaly_sums(
         terms["max_weight"], terms["top2"], terms["argmax"], trace.mask, trace.input_ids, special,
         local_window=parameters["local_window"], concentrated_mass=parameters["concentrated_mass"],
-        decisive=parameters["decisive"],
+        decisive=parameters["decisive"], windows=windows,
     )
     sums, anomalies = jax.device_get((_weighted_sums(per_query, weights), anomalies))
     sums = {name: np.asarray(value, np.float64) for name, value in sums.items()}
@@ -266,6 +310,5 @@ def score_sums(trace: Trace, classes: np.ndarray, parameters: dict) -> Tuple[Dic
     if not has_attention(trace):
         for name in _CLASS_COLUMNS:
             sums[name] = np.asarray(jax.device_get(terms[f"{name}_total"].sum(1)), np.float64)  # (L, H)
-    counts = {name: float(np.asarray(value).sum()) for name, value in jax.device_get(weights).items()}
-    counts = {name: np.float64(value) for name, value in counts.items()}
+    counts = {name: np.asarray(value, np.float64).sum((1, 2)) for name, value in jax.device_get(weights).items()}  # (L,)
     return sums, counts

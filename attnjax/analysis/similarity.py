@@ -31,6 +31,7 @@ from attnjax.analysis._common import (
     as_traces,
     has_attention,
     layer_ids,
+    trace_windows,
     validate_attention,
 )
 from attnjax.analysis._terms import attention_head_means, xlogx
@@ -73,7 +74,7 @@ def _all_pairs(rows: jax.Array, weights: jax.Array, *, metric: str) -> jax.Array
 def _layer_rows(trace: Trace) -> Tuple[jax.Array, jax.Array]:
     """Heads-averaged rows (L, B, Q, K) and query weights (B, Q) of one Trace."""
     if has_attention(trace):
-        terms = attention_head_means(trace.attention, trace.mask, causal=trace.causal)
+        terms = attention_head_means(trace.attention, trace.mask, causal=trace.causal, windows=trace_windows(trace))
         validate_attention(trace, terms)
         return terms["head_mean"], trace.mask.astype(jnp.float32)
     rows, weights = _pooled_rows(trace)  # (L, B, H, P, P), (B, P)

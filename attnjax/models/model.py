@@ -93,6 +93,7 @@ class Model:
             {"params": params}, input_ids, mask, token_type_ids, capture, recorded,
             attention_impl, inputs_embeds, logits=logits,
         )
+        windows = getattr(self.config, "windows", ())  # per model layer: None or the sliding window W; () for BERT, GPT-2
         trace = Trace(
             mask=mask,
             input_ids=input_ids,
@@ -102,6 +103,7 @@ class Model:
             attention_output=stack_records(records, "attention_output"),
             stats=stack_records(records, "stats"),
             layers=recorded if capture.records_layers else (),
+            windows=tuple(windows[i] for i in recorded) if windows and capture.records_layers else (),
             causal=self.causal,
         )
         return output, trace
