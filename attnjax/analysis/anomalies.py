@@ -3,7 +3,8 @@
 Four kinds, each a score per head (or per layer) against a threshold:
 
 - over-dispersed (per head): mean normalized entropy (head_scores's
-  normalized_entropy: entropy / ln(visible keys), 1 = uniform) >= ``dispersed``.
+  normalized_entropy: entropy / ln(visible keys), counted inside the layer's sliding
+  window if it has one; 1 = uniform) >= ``dispersed``.
   Attention this close to uniform averages the values and carries no positional or
   content signal.
 - over-concentrated (per head): the fraction of queries that put at least
@@ -16,7 +17,9 @@ Four kinds, each a score per head (or per layer) against a threshold:
   From streaming stats (no maps) only the largest weight is known; it is used in place
   of the top two (a lower bound, so fewer heads are flagged).
 - jumping (per head): the mean over adjacent query pairs (i, i + 1) of
-  |argmax(i + 1) - argmax(i)| / (tokens in the sequence), where a pair counts only when
+  |argmax(i + 1) - argmax(i)| / span, where span is the tokens in the sequence, or the
+  layer's sliding window W when that is smaller (the farthest an argmax can range, so a
+  windowed layer at long context is judged on the same scale), and a pair counts only when
   both queries are decisive (max weight >= ``decisive``: the argmax of a broad row is
   noise, and broad heads are the over-dispersed kind's business) and not both argmaxes
   are *explained*. An argmax k of query i is explained when it is

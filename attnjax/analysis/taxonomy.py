@@ -22,7 +22,9 @@ If several mass categories pass, the one with the largest score / threshold wins
 in the table's order). Otherwise:
 
 - broad:  normalized_entropy >= 0.78. Clark et al. call a head broad above 3.8 nats of
-  entropy at their 128-token inputs; 3.8 / ln 128 = 0.78 makes the rule length-free;
+  entropy at their 128-token inputs; 3.8 / ln 128 = 0.78 makes the rule length-free
+  (and window-aware: on a sliding-window layer the keys are counted inside the window,
+  so uniform attention over the W visible keys is exactly 1);
 - local:  mean_distance <= 2.5 tokens (attnjax): mass stays near the query without any
   single offset reaching 0.5;
 - mixed:  none of the above.
