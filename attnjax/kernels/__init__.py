@@ -8,7 +8,8 @@ Implementations (all tested against ``reference``):
                    interpreter on any other backend (slow; for tests);
 - ``"auto"``       Pallas on GPU/TPU (blockwise for float64 inputs), blockwise elsewhere;
 - a callable       a custom attention function, called as
-                   ``impl(q, k, v, mask=mask, causal=causal, scale=scale)``, plus
+                   ``impl(q, k, v, mask=mask, causal=causal, scale=scale)`` (mask a
+                   bool array or None, scale the resolved float), plus
                    ``window=W`` and/or ``softcap=c`` only when those are set (so a
                    function that does not know them keeps working for calls that do
                    not use them); k and v may have fewer heads than q (GQA); its result
@@ -47,7 +48,7 @@ from attnjax.kernels.reference import (
     visible_keys,
     weighted_values,
 )
-from attnjax.kernels.spec import AttentionSpec, normalize
+from attnjax.kernels.spec import AttentionSpec, keyword_entry, normalize
 from attnjax.kernels.stats import AttentionStats
 
 __all__ = [
@@ -144,47 +145,8 @@ def pallas_compiles(backend: str, dtype: str, head_dim: int) -> bool:
         return False
 
 
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    mask: Optional[jax.Array] = None,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    stats: bool = False,
-    pool: Optional[int] = None,
-    impl: Union[str, Callable] = "auto",
-):
-    """Softmax attention, optionally with streaming statistics.
-
-    q: (batch, seq, heads, head_dim); k, v: (batch, seq, kv_heads, head_dim), where
-    kv_heads divides heads (grouped-query attention; query head h reads kv head
-    ``h // (heads // kv_heads)``, as transformers' repeat_kv; multi-query is
-    kv_heads = 1; the repeated K/V are never built). mask: (batch, seq) bool
-    key-padding mask, True at real tokens (a False key is invisible to every query;
-    queries themselves are not masked). causal: key j visible to query i only if
-    j <= i. window=W (needs causal): key j visible to query i only if i - W < j <= i,
-    the W most recent keys including the query itself (Hugging Face's sliding window);
-    kernels skip key blocks outside it, so a windowed layer costs O(T W). softcap=c:
-    scores become ``c * tanh(s / c)`` before masking (Gemma 2); the statistics see the
-    capped scores and gradients flow through the tanh. scale defaults to
-    1 / sqrt(head_dim). Scores are ``scale * q.k``.
-
-    Returns the output (batch, seq, heads, head_dim) in q's dtype; with ``stats=True``,
-    ``(output, AttentionStats)`` whose per-query arrays are (batch, heads, seq), per
-    query head, ``received`` (batch, heads, seq) sums over non-padding queries only, and
-    with ``pool=P`` ``pooled`` is (batch, heads, P, P). A query with no visible key gets
-    a zero output row and all-zero statistics. Statistics are float32 (float64 for
-    float64 inputs) and carry no gradient; the output is differentiable.
-
-    ``impl``: "auto", "reference", "blockwise", "pallas" or a callable (see the
-    module docstring). "pallas" on CPU runs the Pallas interpreter (slow).
-    """
-    mask, spec = normalize(q, k, v, mask=mask, causal=causal, scale=scale, window=window,
-                           softcap=softcap, stats=stats, pool=pool)
+def _dispatch(q, k, v, mask, spec: AttentionSpec, *, impl: Union[str, Callable] = "auto"):
+    """``attention`` after validation: the implementation ``impl`` names, on ``spec``."""
     if callable(impl):
         if spec.stats:
             raise ValueError(
@@ -193,8 +155,7 @@ def attention(
                 "own kernels). Use impl='auto', 'blockwise', 'pallas' or 'reference'.")
         extra = {name: value for name, value in (("window", spec.window), ("softcap", spec.softcap))
                  if value is not None}
-        return impl(q, k, v, mask=mask, causal=spec.causal,
-                    scale=None if scale is None else spec.scale, **extra)
+        return impl(q, k, v, mask=mask, causal=spec.causal, scale=spec.scale, **extra)
     name = resolve_impl(impl, q.dtype, q.shape[-1])
     if name == "reference":
         result = reference_core(q, k, v, mask, spec)
@@ -207,3 +168,33 @@ def attention(
     if name == "blockwise":
         return blockwise_core(q, k, v, mask, spec)
     return pallas_core(q, k, v, mask, spec)
+
+
+# attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, softcap=None,
+#           stats=False, pool=None, impl="auto"): the one front door.
+attention = keyword_entry(_dispatch, name="attention", doc="""\
+Softmax attention, optionally with streaming statistics.
+
+q: (batch, seq, heads, head_dim); k, v: (batch, seq, kv_heads, head_dim), where
+kv_heads divides heads (grouped-query attention; query head h reads kv head
+``h // (heads // kv_heads)``, as transformers' repeat_kv; multi-query is
+kv_heads = 1; the repeated K/V are never built). mask: (batch, seq) bool
+key-padding mask, True at real tokens (a False key is invisible to every query;
+queries themselves are not masked). causal: key j visible to query i only if
+j <= i. window=W (needs causal): key j visible to query i only if i - W < j <= i,
+the W most recent keys including the query itself (Hugging Face's sliding window);
+kernels skip key blocks outside it, so a windowed layer costs O(T W). softcap=c:
+scores become ``c * tanh(s / c)`` before masking (Gemma 2); the statistics see the
+capped scores and gradients flow through the tanh. scale defaults to
+1 / sqrt(head_dim). Scores are ``scale * q.k``.
+
+Returns the output (batch, seq, heads, head_dim) in q's dtype; with ``stats=True``,
+``(output, AttentionStats)`` whose per-query arrays are (batch, heads, seq), per
+query head, ``received`` (batch, heads, seq) sums over non-padding queries only, and
+with ``pool=P`` ``pooled`` is (batch, heads, P, P). A query with no visible key gets
+a zero output row and all-zero statistics. Statistics are float32 (float64 for
+float64 inputs) and carry no gradient; the output is differentiable.
+
+``impl``: "auto", "reference", "blockwise", "pallas" or a callable (see the
+module docstring). "pallas" on CPU runs the Pallas interpreter (slow).
+""")

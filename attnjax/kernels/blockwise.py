@@ -48,7 +48,7 @@ from attnjax.kernels.common import (
     round_up,
 )
 from attnjax.kernels.reference import accumulation_dtype
-from attnjax.kernels.spec import AttentionSpec, normalize
+from attnjax.kernels.spec import AttentionSpec, keyword_entry
 from attnjax.kernels.stats import AttentionStats
 
 _MAX_LENGTH = 2 ** 24  # float32 holds every key position exactly below this (argmax search)
@@ -79,31 +79,6 @@ class BlockSizes:
 
 
 _flash = flash_function(forward, backward)
-
-
-def blockwise_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    mask: Optional[jax.Array] = None,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    stats: bool = False,
-    pool: Optional[int] = None,
-    block_sizes: Optional[BlockSizes] = None,
-):
-    """Blockwise attention in XLA, O(T) memory; the contract of
-    ``attnjax.kernels.attention``.
-
-    q: (B, T, Hq, H); k, v: (B, T, Hkv, H) (Hkv divides Hq); mask: (B, T) or None.
-    Validates through ``spec.normalize`` and runs ``blockwise_core``.
-    """
-    mask, spec = normalize(q, k, v, mask=mask, causal=causal, scale=scale, window=window,
-                           softcap=softcap, stats=stats, pool=pool)
-    return blockwise_core(q, k, v, mask, spec, block_sizes=block_sizes)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_sizes"))
@@ -143,3 +118,12 @@ def blockwise_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.
         mean_distance=mean_distance, received=received[:, :, :length],
         pooled=None if spec.pool is None else normalize_pooled(pooled_sums, spec.pool, length),
     )
+
+
+blockwise_attention = keyword_entry(blockwise_core, name="blockwise_attention", doc="""\
+Blockwise attention in XLA, O(T) memory; the contract of ``attnjax.kernels.attention``.
+
+q: (B, T, Hq, H); k, v: (B, T, Hkv, H) (Hkv divides Hq); mask: (B, T) or None.
+Validates through ``spec.normalize`` and runs ``blockwise_core`` (``block_sizes``:
+a ``BlockSizes``, default 512 x 512 tiles, one kv head per step).
+""")

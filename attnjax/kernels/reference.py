@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.kernels.spec import AttentionSpec, cap_scores, normalize, positions_visible
+from attnjax.kernels.spec import AttentionSpec, cap_scores, keyword_entry, positions_visible
 from attnjax.kernels.stats import AttentionStats
 
 # Large finite negative logit for invisible keys (about -0.7 * float32 max, as in
@@ -236,26 +236,11 @@ def reference_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.
     return out, reference_stats(scores, probs, mask, spec.pool)
 
 
-def reference_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    mask: Optional[jax.Array] = None,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    stats: bool = False,
-    pool: Optional[int] = None,
-):
-    """Dense softmax attention. q: (B, T, Hq, H), k, v: (B, T, Hkv, H); returns out
-    (B, T, Hq, H) in q's dtype.
+reference_attention = keyword_entry(reference_core, name="reference_attention", doc="""\
+Dense softmax attention. q: (B, T, Hq, H), k, v: (B, T, Hkv, H); returns out
+(B, T, Hq, H) in q's dtype.
 
-    With ``stats=True`` returns ``(out, AttentionStats)`` computed from the full matrix
-    by ``reference_stats``. Differentiable with jax.grad (the statistics too).
-    Arguments are checked by ``spec.normalize``, as for ``attnjax.kernels.attention``.
-    """
-    mask, spec = normalize(q, k, v, mask=mask, causal=causal, scale=scale, window=window,
-                           softcap=softcap, stats=stats, pool=pool)
-    return reference_core(q, k, v, mask, spec)
+With ``stats=True`` returns ``(out, AttentionStats)`` computed from the full matrix
+by ``reference_stats``. Differentiable with jax.grad (the statistics too).
+Arguments are checked by ``spec.normalize``, as for ``attnjax.kernels.attention``.
+""")

@@ -23,8 +23,9 @@ Semantics every implementation shares (q: (B, T, Hq, D); k, v: (B, T, Hkv, D)):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -230,3 +231,30 @@ def normalize(q, k, v, *, mask=None, causal=False, scale=None, window=None, soft
     spec = AttentionSpec(scale=scale, causal=causal, window=window, softcap=softcap,
                          groups=heads // kv_heads, stats=stats, pool=pool)
     return mask, spec
+
+
+def keyword_entry(core: Callable, *, name: str, doc: str) -> Callable:
+    """The public keyword form of an implementation's core, written once for all of them.
+
+    Returns ``entry(q, k, v, *, mask=None, causal=False, scale=None, window=None,
+    softcap=None, stats=False, pool=None, **options)``, which validates through
+    ``normalize`` and returns ``core(q, k, v, mask, spec, **options)``; ``options`` are
+    the core's own keyword-only arguments (block_sizes, backend, impl), which the
+    entry's signature (help(), IDEs) lists after the shared ones.
+    """
+
+    def entry(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
+              causal: bool = False, scale: Optional[float] = None, window: Optional[int] = None,
+              softcap: Optional[float] = None, stats: bool = False, pool: Optional[int] = None,
+              **options):
+        mask, spec = normalize(q, k, v, mask=mask, causal=causal, scale=scale, window=window,
+                               softcap=softcap, stats=stats, pool=pool)
+        return core(q, k, v, mask, spec, **options)
+
+    shared = [p for p in inspect.signature(entry).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    own = [p for p in inspect.signature(core).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    entry.__signature__ = inspect.Signature(shared + own)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = core.__module__
+    entry.__doc__ = doc
+    return entry
