@@ -19,10 +19,6 @@ from jax import lax
 
 from attnjax.kernels.reference import MASK_VALUE
 from attnjax.kernels.spec import AttentionSpec, cap_scores, positions_visible
-
-# Initial running max: finite, and far above MASK_VALUE, so exp(MASK_VALUE - m) is
-# exactly 0 even for a row that has seen no visible key yet (no second mask needed).
-M_INIT = 0.5 * MASK_VALUE
 # int32 zero for dynamic-slice origins (a Python 0 becomes int64 under jax_enable_x64).
 I0 = np.int32(0)
 

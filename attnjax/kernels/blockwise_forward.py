@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax.kernels.blockwise_common import (
-    M_INIT,
     Config,
     group_key_visible,
     group_origin,
@@ -46,7 +45,7 @@ from attnjax.kernels.blockwise_common import (
     tile_scores,
     tile_visible,
 )
-from attnjax.kernels.common import diagonal_masses
+from attnjax.kernels.common import M_INIT, diagonal_masses
 from attnjax.kernels.reference import accumulation_dtype, matmul_precision
 from attnjax.kernels.spec import key_block_range
 

@@ -20,6 +20,10 @@ from attnjax.kernels.reference import MASK_VALUE, accumulation_dtype, pool_bins
 from attnjax.kernels.spec import AttentionSpec, cap_scores
 from attnjax.kernels.stats import AttentionStats
 
+# Initial running max of the online softmax: finite, and far above MASK_VALUE, so
+# exp(MASK_VALUE - m) is exactly 0 even for a row that has seen no visible key yet.
+M_INIT = 0.5 * MASK_VALUE
+
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
