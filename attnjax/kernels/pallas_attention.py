@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 
 from attnjax.kernels.common import (
     assemble_stats,
+    flash_function,
     heads_major,
     padded_bin_one_hot,
     padded_key_mask,
@@ -69,7 +70,7 @@ from attnjax.kernels.pallas_common import (
 )
 from attnjax.kernels.pallas_forward import forward
 from attnjax.kernels.reference import accumulation_dtype
-from attnjax.kernels.spec import AttentionSpec, normalize
+from attnjax.kernels.spec import AttentionSpec, keyword_entry
 
 __all__ = ["BACKENDS", "BlockSizes", "default_backend", "pallas_attention", "pallas_core"]
 
@@ -138,24 +139,9 @@ def _fit_blocks(sizes: BlockSizes, backend: str, length: int) -> BlockSizes:
     return dataclasses.replace(sizes, **{name: min(value, cap) for name, value in zip(_TILE_NAMES, sizes.tiles)})
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, kmask, cfg: KernelConfig):
-    return forward(q, k, v, kmask, cfg)
-
-
-def _flash_fwd(q, k, v, kmask, cfg: KernelConfig):
-    out, rows = forward(q, k, v, kmask, cfg)
-    return (out, rows), (q, k, v, kmask, out, rows[0])
-
-
-def _flash_bwd(cfg: KernelConfig, residuals, cotangents):
-    q, k, v, kmask, out, lse = residuals
-    d_out, _ = cotangents  # the rows are statistics: no gradient flows through them
-    dq, dk, dv = backward(q, k, v, kmask, out, lse, d_out, cfg)
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# The custom_vjp every kernel family shares (common.flash_function): the Pallas forward,
+# and the FlashAttention-2 backward recomputing p from the saved LSE.
+_flash = flash_function(forward, backward)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_sizes", "backend"))
@@ -215,26 +201,10 @@ def pallas_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Arr
     )
 
 
-def pallas_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    mask: Optional[jax.Array] = None,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    stats: bool = False,
-    pool: Optional[int] = None,
-    block_sizes: Optional[BlockSizes] = None,
-    backend: Optional[str] = None,
-):
-    """Pallas attention; the contract of ``attnjax.kernels.attention``.
+pallas_attention = keyword_entry(pallas_core, name="pallas_attention", doc="""Pallas attention; the contract of ``attnjax.kernels.attention``.
 
-    q: (B, T, Hq, D); k, v: (B, T, Hkv, D) (Hkv divides Hq); mask: (B, T) or None.
-    Validates through ``spec.normalize`` and runs ``pallas_core``.
-    """
-    mask, spec = normalize(q, k, v, mask=mask, causal=causal, scale=scale, window=window,
-                           softcap=softcap, stats=stats, pool=pool)
-    return pallas_core(q, k, v, mask, spec, block_sizes=block_sizes, backend=backend)
+q: (B, T, Hq, D); k, v: (B, T, Hkv, D) (Hkv divides Hq); mask: (B, T) or None.
+Validates through ``spec.normalize`` and runs ``pallas_core`` with its own options
+``block_sizes`` (default per backend) and ``backend`` ("triton", "mosaic" or
+"interpret"; default: the one for JAX's default device).
+""")

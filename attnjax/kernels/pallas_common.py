@@ -23,9 +23,6 @@ MIN_TRITON_DIM = 16      # tl.dot needs every matmul dimension >= 16
 TPU_LANES = 128          # Mosaic: lane-dim blocks are multiples of 128
 TPU_SUBLANES = 8
 NO_INDEX = jnp.iinfo(jnp.int32).max  # "no candidate" in the first-argmax search
-# Initial running max: finite and far above MASK_VALUE, so exp(MASK_VALUE - m) is
-# exactly 0 even in a row that has seen no visible key yet.
-M_INIT = 0.5 * MASK_VALUE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from attnjax.kernels.common import M_INIT
 from attnjax.kernels.pallas_common import (
-    M_INIT,
     NO_INDEX,
     KernelConfig,
     dot,
