@@ -428,6 +428,21 @@ def test_control_characters_in_tokens_are_drawn_visibly(tmp_path, frame):
     viz.save_image(viz.next_token_explorer(top, normalizers), tmp_path / "next.png")
 
 
+def test_direction_changing_and_invisible_characters_are_shown_not_applied(frame):
+    # U+202E (right-to-left override) makes "hello \u202eevil text" display as "hello txet live";
+    # zero-width characters hide in plain sight. The page shows each as a visible tag.
+    tricky = {"cat": "hello \u202eevil", "sat": "a\u200bb", "mat": "\u2066x\u2069", "the": "\ufeffthe"}
+    odd = frame.copy()
+    for column in ("query_token", "key_token"):
+        odd[column] = odd[column].cat.rename_categories(lambda t: tricky.get(t, t))
+    page = to_html(viz.attention_heatmap(odd), title="title \u202e")
+    for code in ("\u202e", "\u200b", "\u2066", "\u2069", "\ufeff"):
+        assert code not in page, f"U+{ord(code):04X} reached the page raw"
+        assert f"\\u{ord(code):04x}" not in page.lower(), f"U+{ord(code):04X} reached the page as a JSON escape"
+    for tag in ("U+202E", "U+200B", "U+2066", "U+2069", "U+FEFF"):
+        assert f"\u27e8{tag}\u27e9" in page or tag in page
+
+
 def test_builders_reject_wrong_frames(frame):
     with pytest.raises(ValueError, match="category"):
         viz.taxonomy_chart(frame.head(3))

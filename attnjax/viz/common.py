@@ -25,10 +25,22 @@ _VISIBLE = {code: chr(0x2400 + code) for code in range(0x20)}
 _VISIBLE.update({0x0A: "\u21b5", 0x7F: "\u2421", 0xFFFE: "\ufffd", 0xFFFF: "\ufffd"})
 _VISIBLE.update({code: f"\\x{code:02x}" for code in range(0x80, 0xA0)})
 _VISIBLE.update({code: "\ufffd" for code in range(0xD800, 0xE000)})
+# Characters that change the direction of the text around them or draw as nothing: token
+# text is untrusted, and U+202E makes "hello \u202eevil" read "hello live". They are
+# shown as a visible tag, e.g. "\u27e8U+202E\u27e9", never applied.
+INVISIBLE = (
+    [0x00AD, 0x061C, 0x180E, 0xFEFF]
+    + list(range(0x200B, 0x2010))      # zero-width space/joiners, LRM, RLM
+    + list(range(0x202A, 0x202F))      # embeddings and overrides (LRE RLE PDF LRO RLO)
+    + list(range(0x2060, 0x2065))      # word joiner, invisible operators
+    + list(range(0x2066, 0x206A))      # isolates (LRI RLI FSI PDI)
+)
+_VISIBLE.update({code: f"\u27e8U+{code:04X}\u27e9" for code in INVISIBLE})
 
 
 def visible_text(text: str) -> str:
-    """``text`` with control characters, lone surrogates and non-characters made visible.
+    """``text`` with control characters, lone surrogates, non-characters and invisible or
+    direction-changing characters (``INVISIBLE``) made visible.
 
     Token text can hold any of them (GPT-2's byte tokens decode to "\\x00", say);
     SVG cannot, and vl-convert aborts the process on them.
