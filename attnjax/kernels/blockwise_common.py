@@ -126,14 +126,60 @@ def tile_scores(q_blk, k_blk, spec: AttentionSpec, precision):
     return cap_scores(s, spec.softcap)  # (c, G, bq, bk)
 
 
-def tile_visible(key_blk, key_pos, query_pos, spec: AttentionSpec):
-    """(c, 1, bq | 1, bk) bool: key mask (c, bk) and the positional rule (causal,
-    window) between query positions (bq,) and key positions (bk,)."""
+def tile_visible(key_blk, key_pos, query_pos, spec: AttentionSpec, edge: bool = True):
+    """(c, 1, bq | 1, bk) bool: key mask (c, bk) and, on an edge tile, the positional
+    rule (causal, window) between query positions (bq,) and key positions (bk,).
+    Interior tiles (``key_tile_segments``) need the key mask alone."""
     visible = key_blk[:, None, None, :]  # (c, 1, 1, bk)
+    if not edge:
+        return visible
     positional = positions_visible(query_pos[:, None], key_pos[None, :], spec.causal, spec.window)  # (bq, bk)
     if positional is not None:
         visible = visible & positional[None, None]  # (c, 1, bq, bk)
     return visible
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A run [start, end) of key tiles one query block visits, and what they need.
+
+    edge: some (query, key) pair of a tile is hidden by position (the diagonal, the
+          window's far end), so the positional mask applies; otherwise the key mask
+          alone (which also hides sequence padding) does.
+    side: where the tile's keys lie relative to every query of the block: "before"
+          (every key <= every query), "after" (every key >= every query), or
+          "across" (neither: the tile straddles the diagonal). Sums of
+          p |i - k| need the elementwise distance only "across".
+    """
+
+    start: object
+    end: object
+    edge: bool
+    side: str
+
+
+def key_tile_segments(first_query, last_query, lower, upper, cfg: Config):
+    """The key tiles [lower, upper) a query block first_query..last_query visits, as
+    consecutive ``Segment`` runs (some possibly empty), in key order.
+
+    Under causal: [lower, a) at the window's far edge (masked, before the queries),
+    [a, b) interior (key mask only, before), [b, upper) at the diagonal (masked,
+    across), with b the first tile whose last key passes first_query. Without
+    causal (no positional rule): tiles before, across and after the block.
+    FlashAttention-2 masks only the diagonal tiles in the same way.
+    """
+    spec, bk = cfg.spec, cfg.block_k
+    before_end = jnp.clip((first_query + 1) // bk, lower, upper)  # tiles whose keys are all <= first_query
+    if spec.causal:
+        window_end = lower
+        if spec.window is not None:  # keys j > last_query - W are inside every query's window
+            first_inside = -(-jnp.maximum(last_query - spec.window + 1, 0) // bk)
+            window_end = jnp.clip(first_inside, lower, before_end)
+        return (Segment(lower, window_end, True, "before"), Segment(window_end, before_end, False, "before"),
+                Segment(before_end, upper, True, "across"))
+    after_start = jnp.clip(-(-last_query // bk), before_end, upper)  # tiles whose keys are all >= last_query
+    return (Segment(lower, before_end, False, "before"), Segment(before_end, after_start, False, "across"),
+            Segment(after_start, upper, False, "after"))
 
 
 def masked_scores(s, visible):

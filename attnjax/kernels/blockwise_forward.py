@@ -29,6 +29,8 @@ tiles over ten times slower than the dot. ``first_mass``, ``self_mass`` and
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -36,6 +38,7 @@ from attnjax.kernels.blockwise_common import (
     Config,
     group_key_visible,
     group_origin,
+    key_tile_segments,
     masked_scores,
     num_steps,
     put_queries,
@@ -72,20 +75,21 @@ def forward_group(q, k, v, key_vis, cfg: Config):
         q_blk = lax.dynamic_slice_in_dim(q, iq * bq, bq, axis=2).astype(acc)  # (c, G, bq, H)
         query_pos = iq * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
 
-        def step(j, carry):
+        def tile(j, carry, edge, side):
             m, l, o, entropy_sum, distance_sum, argmax = carry
             k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1).astype(acc)  # (c, bk, H)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1).astype(acc)  # (c, bk, H)
             key_blk = lax.dynamic_slice_in_dim(key_vis, j * bk, bk, axis=1)  # (c, bk)
             key_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
-            visible = tile_visible(key_blk, key_pos, query_pos, spec)  # (c, 1, bq | 1, bk)
+            visible = tile_visible(key_blk, key_pos, query_pos, spec, edge)  # (c, 1, bq | 1, bk)
             s = masked_scores(tile_scores(q_blk, k_blk, spec, precision), visible)  # (c, G, bq, bk)
             m_blk = jnp.max(s, axis=-1)  # (c, G, bq)
             m_new = jnp.maximum(m, m_blk)  # (c, G, bq)
             correction = jnp.exp(m - m_new)  # (c, G, bq)
             shifted = s - m_new[..., None]  # (c, G, bq, bk)
             p = jnp.exp(shifted)  # (c, G, bq, bk); exactly 0 at invisible keys (m_new >= M_INIT)
-            l_new = correction * l + jnp.sum(p, axis=-1)  # (c, G, bq)
+            p_sum = jnp.sum(p, axis=-1)  # (c, G, bq)
+            l_new = correction * l + p_sum  # (c, G, bq)
             pv = jnp.einsum("CGQK,CKH->CGQH", p, v_blk, precision=precision)  # (c, G, bq, H)
             o_new = correction[..., None] * o + pv  # (c, G, bq, H)
             if spec.stats:
@@ -93,8 +97,8 @@ def forward_group(q, k, v, key_vis, cfg: Config):
                 # tiles over an order of magnitude slower than the equivalent dot.
                 p_shifted = jnp.einsum("CGQK,CGQK->CGQ", p, shifted, precision=stats_precision)  # (c, G, bq)
                 entropy_sum = correction * (entropy_sum + (m - m_new) * l) + p_shifted  # (c, G, bq)
-                distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(acc)  # (bq, bk)
-                p_distance = jnp.einsum("CGQK,QK->CGQ", p, distance, precision=stats_precision)  # (c, G, bq)
+                p_distance = _distance_sum(p, p_sum, query_pos, key_pos, side, acc,
+                                           stats_precision)  # (c, G, bq)
                 distance_sum = correction * distance_sum + p_distance  # (c, G, bq)
                 # A masked score equals m_blk only when m_blk == MASK_VALUE < m: never kept.
                 # The search runs on float32 positions (exact below 2^24; a float min
@@ -113,7 +117,11 @@ def forward_group(q, k, v, key_vis, cfg: Config):
         )
         lower, upper = key_block_range(iq * bq, iq * bq + bq - 1, bk, cfg.num_key_blocks,
                                        spec.causal, spec.window)
-        m, l, o, entropy_sum, distance_sum, argmax = lax.fori_loop(lower, upper, step, init)
+        carry = init
+        for segment in key_tile_segments(iq * bq, iq * bq + bq - 1, lower, upper, cfg):
+            step = functools.partial(tile, edge=segment.edge, side=segment.side)
+            carry = lax.fori_loop(segment.start, segment.end, step, carry)
+        m, l, o, entropy_sum, distance_sum, argmax = carry
         return _finish_rows(m, l, o, entropy_sum, distance_sum, argmax, q.dtype, spec.stats)
 
     out, rows = lax.map(query_block, jnp.arange(padded // bq, dtype=jnp.int32))
@@ -124,6 +132,29 @@ def forward_group(q, k, v, key_vis, cfg: Config):
         lse, max_prob = rows[0], rows[2]
         rows = rows + diagonal_masses(q, k[:, None], lse, key_vis[:, None, :], max_prob > 0, spec)  # + 3 x (c, G, Tp)
     return out, rows
+
+
+def _distance_sum(p, p_sum, query_pos, key_pos, side: str, acc, precision):
+    """(c, G, bq): ``sum_k p_ik |i - k|`` over one tile; p: (c, G, bq, bk), p_sum its
+    row sums (c, G, bq); query_pos (bq,), key_pos (bk,).
+
+    On a tile whose keys all lie before the block's queries, ``|i - k| = (i - e) +
+    (e - k)`` with e the tile's last key, both terms >= 0 (no cancellation), so the
+    sum is ``(i - e) sum_k p_ik + p (e - k)``: a matrix-vector product instead of a
+    (bq, bk) distance tile (symmetrically, with the first key, after the queries).
+    Only a tile across the diagonal needs the elementwise distance.
+    """
+    if side == "across":
+        distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(acc)  # (bq, bk)
+        return jnp.einsum("CGQK,QK->CGQ", p, distance, precision=precision)  # (c, G, bq)
+    if side == "before":
+        anchor = key_pos[-1]
+        key_offset, query_offset = anchor - key_pos, query_pos - anchor  # (bk,), (bq,): both >= 0
+    else:
+        anchor = key_pos[0]
+        key_offset, query_offset = key_pos - anchor, anchor - query_pos  # (bk,), (bq,): both >= 0
+    inside = jnp.einsum("CGQK,K->CGQ", p, key_offset.astype(acc), precision=precision)  # (c, G, bq)
+    return query_offset.astype(acc)[None, None] * p_sum + inside  # (c, G, bq)
 
 
 def _finish_rows(m, l, o, entropy_sum, distance_sum, argmax, out_dtype, with_stats):
