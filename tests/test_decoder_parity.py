@@ -394,3 +394,4 @@ def test_report_on_a_decoder(llama_run, tmp_path):
     page = report.save(tmp_path / "llama.html").read_text()
     assert report.summary["family"] == "llama" and report.summary["heads"] == model.config.num_heads
     assert asked[-1] == "last" and '<h2 id="next-token">' in page
+    assert "multi-query: 4 query heads share each" in page  # the run table says how heads are shared

@@ -153,3 +153,21 @@ def test_choose_token():
     assert choose_token(tokens, positions, 4) == 4
     with pytest.raises(ReportInputError, match="not a token position"):
         choose_token(tokens, positions, 9)
+
+
+def test_run_table_describes_a_decoders_attention():
+    # Gemma 2-like: grouped-query heads, sliding windows on even layers, soft-capped scores.
+    from types import SimpleNamespace
+
+    from attnjax.viz.report import _decoder_rows
+
+    config = SimpleNamespace(num_heads=8, num_kv_heads=4, windows=(4096, None, 4096, None),
+                             attn_logit_softcapping=50.0, dtype="bfloat16")
+    assert dict(_decoder_rows(config)) == {
+        "kv heads": "4 (grouped-query: 2 query heads share each)",
+        "sliding windows": "layers 0, 2 see the last 4096 tokens",
+        "score soft-cap": "c tanh(s / c) with c = 50.0",
+        "dtype": "bfloat16",
+    }
+    bert_like = SimpleNamespace(num_heads=12)
+    assert _decoder_rows(bert_like) == []

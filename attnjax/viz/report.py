@@ -312,6 +312,9 @@ def _run_table(r: Results, scheme: str, scale: str) -> List[Tuple[str, Any]]:
         ("layers x heads", f"{config.num_layers} x {config.num_heads}"),
         ("hidden size", getattr(config, "hidden_size", "")),
         ("max positions", config.max_positions),
+    ]
+    rows += _decoder_rows(config)
+    rows += [
         ("tokens", f"{len(r.tokens)}" + (f" (truncated to --max-length {r.max_length})" if r.max_length else "")),
         ("text", truncate(" ".join(r.text.split()), 160)),
     ]
@@ -323,6 +326,28 @@ def _run_table(r: Results, scheme: str, scale: str) -> List[Tuple[str, Any]]:
         ("attnjax / jax", f"{attnjax.__version__} / {jax.__version__} on {jax.default_backend()}"),
         ("made", datetime.datetime.now().strftime("%Y-%m-%d %H:%M")),
     ]
+    return rows
+
+
+def _decoder_rows(config) -> List[Tuple[str, Any]]:
+    """What a Llama-like decoder's attention is made of: kv heads, windows, soft-cap, dtype."""
+    rows: List[Tuple[str, Any]] = []
+    kv_heads = getattr(config, "num_kv_heads", None)
+    if kv_heads is not None and kv_heads != config.num_heads:
+        kind = "multi-query" if kv_heads == 1 else "grouped-query"
+        rows.append(("kv heads", f"{kv_heads} ({kind}: {config.num_heads // kv_heads} query heads share each)"))
+    windows = getattr(config, "windows", ())
+    sliding = [i for i, window in enumerate(windows) if window is not None]
+    if sliding:
+        sizes = sorted({windows[i] for i in sliding})
+        rows.append(("sliding windows", f"layers {', '.join(map(str, sliding))} see the last "
+                                         f"{' / '.join(map(str, sizes))} tokens"))
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        rows.append(("score soft-cap", f"c tanh(s / c) with c = {softcap}"))
+    dtype = getattr(config, "dtype", None)
+    if dtype is not None:
+        rows.append(("dtype", str(dtype)))
     return rows
 
 
