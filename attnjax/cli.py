@@ -167,7 +167,11 @@ def check_max_length(value: Optional[int]) -> None:
 
 
 def quiet_libraries() -> None:
-    """The command reports over-long input itself; silence transformers' own warning about it."""
+    """The command reports over-long input itself; silence transformers' own warning about it
+    (and its advice that PyTorch is missing: attnjax never needs it)."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         import transformers
 

@@ -350,6 +350,9 @@ def load_tokenizer(directory: Path):
     """transformers' AutoTokenizer when the directory has tokenizer files, else None."""
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return None
+    # attnjax never needs PyTorch: without it, importing transformers would advise that
+    # "Models won't be available", which is about transformers' models, not ours.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer
 
     try:
