@@ -21,15 +21,25 @@ class Batch:
 
 
 def as_list(texts) -> list:
+    if texts is None:
+        raise ValueError("texts is None; pass a string, a list of strings or (BERT) a list of pairs.")
+    if isinstance(texts, (bytes, bytearray)):
+        raise TypeError("texts is bytes; decode it to a string first, e.g. texts.decode('utf-8').")
     if isinstance(texts, (str, tuple)):
         texts = [texts]
-    texts = list(texts)
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"texts must be a string, a list of strings or (BERT) a list of pairs; got "
+                        f"{type(texts).__name__}.") from None
     if not texts:
         raise ValueError("No text given: pass a string, a list of strings or (BERT) a list of pairs.")
     for i, text in enumerate(texts):
         parts = text if isinstance(text, tuple) else (text,)
         if not all(isinstance(p, str) for p in parts) or len(parts) not in (1, 2):
-            raise ValueError(f"Text {i} must be a string or a pair of strings; got {type(text).__name__}.")
+            hint = " (decode bytes to a string first)" if isinstance(text, (bytes, bytearray)) else ""
+            raise ValueError(f"Text {i} must be a string or a pair of strings; got "
+                             f"{type(text).__name__}{hint}.")
         if any(not p.strip() for p in parts):
             raise ValueError(f"Text {i} is empty; give it some words.")
     return texts

@@ -94,10 +94,24 @@ def test_run_batches_and_pads_gpt2_on_the_right(gpt2):
     ([], "No text given"),
     (["fine", ""], "Text 1 is empty"),
     ([3], "must be a string"),
+    (None, "texts is None"),
+    ([b"hello"], r"got bytes \(decode bytes to a string first\)"),
 ])
 def test_run_rejects_empty_or_odd_text(minilm, texts, message):
     with pytest.raises(ValueError, match=message):
         attnjax.run(minilm, texts)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(texts=b"hello"), TypeError, r"texts is bytes; decode it"),
+    (dict(texts=3), TypeError, "texts must be a string, a list of strings .* got int"),
+    (dict(texts="hi", attention_impl="bogus"), ValueError, "attention_impl='bogus' is not an attention implementation"),
+    (dict(texts="hi", capture="attention"), TypeError, "capture must be an attnjax.Capture"),
+])
+def test_run_checks_its_arguments_up_front(minilm, kwargs, error, message):
+    # Each used to be accepted (attention_impl), or to fail deep inside with a raw error.
+    with pytest.raises(error, match=message):
+        attnjax.run(minilm, **kwargs)
 
 
 def test_too_long_text_needs_max_length(minilm):

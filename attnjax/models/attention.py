@@ -21,6 +21,16 @@ from attnjax.trace import Capture
 AttentionImpl = Union[str, Callable]
 
 
+def check_attention_impl(impl) -> AttentionImpl:
+    """``impl`` if it names a kernel implementation or is a callable; else a clear error."""
+    if callable(impl) or (isinstance(impl, str) and impl in kernels.IMPLEMENTATIONS):
+        return impl
+    raise ValueError(
+        f"attention_impl={impl!r} is not an attention implementation; pass one of "
+        f"{', '.join(repr(name) for name in kernels.IMPLEMENTATIONS)} or your own function "
+        "fn(q, k, v, *, mask, causal, scale).")
+
+
 # Sequences per step of the dense path: enough that one step's (N, T, T) matrices stay
 # in a CPU core's cache (about 4 MiB), so scores, softmax and the value product
 # each touch them there instead of streaming the whole batch through memory.

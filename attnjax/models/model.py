@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.models.attention import AttentionImpl, stack_layers, stack_records
+from attnjax.models.attention import AttentionImpl, check_attention_impl, stack_layers, stack_records
 from attnjax.models.bert import BertConfig
 from attnjax.models.checkpoints import module_for
 from attnjax.models.common import check_logits_option, is_decoder
@@ -86,6 +86,10 @@ class Model:
         come back NaN rather than wrong. ``jit_forward`` checks before tracing.
         """
         capture = Capture() if capture is None else capture
+        if not isinstance(capture, Capture):
+            raise TypeError(f"capture must be an attnjax.Capture (e.g. Capture(attention=True)); got "
+                            f"{type(capture).__name__}.")
+        check_attention_impl(attention_impl)
         check_logits_option(logits)
         input_ids, mask, token_type_ids = self.check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
         recorded = capture.resolve_layers(self.config.num_layers)
