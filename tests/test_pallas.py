@@ -24,6 +24,7 @@ from jax.test_util import check_grads
 from attnjax.kernels import AttentionStats, reference_attention, reference_attention_weights
 from attnjax.kernels.pallas_attention import BlockSizes, default_backend, pallas_attention, pallas_core
 from attnjax.kernels.spec import normalize
+from tests.test_kernels import make_inputs as kernel_inputs
 
 BACKEND = default_backend()  # "interpret" on CPU, "triton" on GPU, "mosaic" on TPU
 INTERPRETED = BACKEND == "interpret"
@@ -52,22 +53,9 @@ reference_weights = jax.jit(reference_attention_weights, static_argnames=("causa
 
 
 def make_inputs(seed, batch, length, heads, kv_heads, head_dim, dtype=jnp.float32, padding="random"):
-    """q (B, T, Hq, D), k and v (B, T, Hkv, D), and a key mask (B, T) or None.
-
-    padding: "none" (mask None); "random" (~25% of keys padding); "full_row" (batch
-    element 1 all padding, so its rows see no key, and batch element 0 left-padded by 3,
-    so its first causal rows see none either).
-    """
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), dtype)
-    k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), dtype) for _ in range(2))
-    if padding == "none":
-        return q, k, v, None
-    mask = rng.random((batch, length)) > 0.25
-    if padding == "full_row":
-        mask[1 % batch] = False
-        mask[0, : min(3, length)] = False
-    return q, k, v, jnp.asarray(mask)
+    """tests.test_kernels.make_inputs with the kv heads given, and "full_row" padding
+    always left-padding batch element 0 too (its first causal rows then see no key)."""
+    return kernel_inputs(seed, batch, length, heads, head_dim, dtype, padding, causal=True, kv_heads=kv_heads)
 
 
 def assert_stats_close(stats, expected, probs, tol):
