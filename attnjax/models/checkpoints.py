@@ -66,7 +66,8 @@ IGNORED = {
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
-             "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json"]
+             "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+             "chat_template.jinja", "generation_config.json"]  # a decoder's chat template and stop ids
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
