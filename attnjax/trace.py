@@ -38,6 +38,7 @@ import dataclasses
 from typing import Optional, Sequence, Tuple
 
 import jax
+import numpy as np
 from flax import struct
 
 from attnjax.kernels.stats import AttentionStats
@@ -140,3 +141,58 @@ class Trace:
     def with_tokens(self, tokens: Sequence[Sequence[str]]) -> "Trace":
         """A copy carrying the token strings of each sequence (padded to seq_len)."""
         return self.replace(tokens=tuple(tuple(str(t) for t in seq) for seq in tokens))
+
+    def select(self, *, layers: Optional[Sequence[int]] = None,
+               sequences: Optional[Sequence[int]] = None) -> "Trace":
+        """A Trace holding only these recorded layers and sequences, every index checked.
+
+        layers: model layer numbers, as in ``Trace.layers`` (not positions on the L axis);
+        they must have been recorded. sequences: batch rows (negative counts from the end).
+        Use this instead of indexing the arrays: JAX clamps an out-of-range index, so
+        ``trace.attention[99]`` silently returns the last layer. ``hidden_states`` keeps
+        every layer (its axis is the model's depth) and loses only the other sequences.
+        """
+        trace = self
+        if layers is not None:
+            trace = trace._select_layers(tuple(layers))
+        if sequences is not None:
+            trace = trace._select_sequences(tuple(sequences))
+        return trace
+
+    def _select_layers(self, layers: Tuple[int, ...]) -> "Trace":
+        if not self.layers:
+            raise ValueError("This Trace records no per-layer arrays; capture attention, scores, "
+                             "attention_output or stats to select layers.")
+        if not layers:
+            raise ValueError("select(layers=()) selects nothing; name at least one layer.")
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer not in self.layers:
+                raise ValueError(f"select(layers=...): layer {layer!r} is not in this Trace, which holds layers "
+                                 f"{self.layers}; record it with Capture(layers=...).")
+        positions = np.asarray([self.layers.index(int(layer)) for layer in layers])  # (L',)
+        take = lambda x: None if x is None else jax.tree.map(lambda a: a[positions], x)  # noqa: E731
+        return self.replace(
+            attention=take(self.attention), scores=take(self.scores),
+            attention_output=take(self.attention_output), stats=take(self.stats),
+            layers=tuple(int(layer) for layer in layers),
+            windows=tuple(self.windows[p] for p in positions) if self.windows else (),
+        )
+
+    def _select_sequences(self, sequences: Tuple[int, ...]) -> "Trace":
+        batch = self.batch_size
+        if not sequences:
+            raise ValueError("select(sequences=()) selects nothing; name at least one sequence.")
+        for sequence in sequences:
+            if isinstance(sequence, bool) or not isinstance(sequence, (int, np.integer)) \
+                    or not -batch <= sequence < batch:
+                raise ValueError(f"select(sequences=...): sequence {sequence!r} is out of range; this Trace "
+                                 f"holds {batch} (0..{batch - 1}, or -{batch}..-1 from the end).")
+        rows = np.asarray([int(s) % batch for s in sequences])  # (B',)
+        on_axis_1 = lambda x: None if x is None else jax.tree.map(lambda a: a[:, rows], x)  # noqa: E731
+        return self.replace(
+            mask=self.mask[rows], input_ids=self.input_ids[rows],
+            attention=on_axis_1(self.attention), scores=on_axis_1(self.scores),
+            hidden_states=on_axis_1(self.hidden_states), attention_output=on_axis_1(self.attention_output),
+            stats=on_axis_1(self.stats),
+            tokens=None if self.tokens is None else tuple(self.tokens[r] for r in rows),
+        )
