@@ -348,17 +348,41 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_confi
 
 
 def load_tokenizer(directory: Path):
-    """transformers' AutoTokenizer when the directory has tokenizer files, else None."""
+    """The directory's tokenizer, or None when it has no tokenizer files.
+
+    With tokenizer.json: attnjax's own Tokenizer over the ``tokenizers`` library (no
+    transformers, no PyTorch). Without it (a vocab.txt-only BERT, a vocab.json +
+    merges.txt GPT-2): transformers' AutoTokenizer, imported only then.
+    """
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return None
+    if (directory / "tokenizer.json").is_file():
+        from attnjax.tokenizer import Tokenizer
+
+        try:
+            return Tokenizer.from_directory(directory)
+        except Exception as error:  # a corrupt tokenizer.json or tokenizer_config.json
+            raise CheckpointError(
+                f"The tokenizer files in {directory} (tokenizer.json, tokenizer_config.json, "
+                f"special_tokens_map.json) could not be read ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no detail'}); save the tokenizer "
+                "again, or remove its files to load the weights without a tokenizer."
+            ) from None
     # attnjax never needs PyTorch: without it, importing transformers would advise that
     # "Models won't be available", which is about transformers' models, not ours.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CheckpointError(
+            f"{directory} has no tokenizer.json, and reading its other tokenizer files "
+            f"({', '.join(n for n in TOKENIZER_FILES[1:] if (directory / n).is_file())}) needs "
+            "transformers (pip install transformers); or save the tokenizer as tokenizer.json."
+        ) from None
 
     try:
         return AutoTokenizer.from_pretrained(str(directory))
-    except Exception as error:  # a corrupt tokenizer.json, a missing vocab file, ...
+    except Exception as error:  # a missing vocab file, ...
         raise CheckpointError(
             f"The tokenizer files in {directory} could not be read ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); save the tokenizer "
