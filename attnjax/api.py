@@ -2,16 +2,65 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Union
+
+import numpy as np
 
 from attnjax.models.attention import AttentionImpl
 from attnjax.models.checkpoints import load_directory, normalize_dtype, resolve
 from attnjax.models.model import Model
-from attnjax.tokenize import tokenize
+from attnjax.tokenize import Batch, tokenize
 from attnjax.trace import Capture
 
 DEFAULT_CAPTURE = Capture(attention=True, hidden_states=True)
+# run pads to the smallest of these lengths that fits (the model's max positions if
+# none does), so that a new text reuses a compiled forward and analyses.
+SMALLEST_BUCKET = 16
+LARGEST_POWER_BUCKET = 512  # above it, multiples of 512 (less padding on long inputs)
+PadTo = Union[None, int, str]
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """The padded length of run's default buckets, capped at the model's max positions
+    `limit`: powers of two from 16 to 512 (16, 32, 64, 128, 256, 512), then multiples of
+    512, the smallest that holds `length` tokens."""
+    bucket = SMALLEST_BUCKET
+    while bucket < length and bucket < LARGEST_POWER_BUCKET:
+        bucket *= 2
+    if bucket < length:
+        bucket = -(-length // LARGEST_POWER_BUCKET) * LARGEST_POWER_BUCKET
+    return max(min(bucket, limit), length)
+
+
+def _pad_batch(model: Model, batch: Batch, length: int) -> Batch:
+    """batch padded on the right to `length` positions, with tokenize's padding (the pad
+    token, else the end-of-text token, else id 0; masked, so any id serves)."""
+    size, seq = batch.input_ids.shape
+    extra = length - seq
+    if extra <= 0:
+        return batch
+    tokenizer = model.tokenizer
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                   if t is not None and 0 <= t < model.config.vocab_size), 0)
+    pad_text = tokenizer.pad_token or tokenizer.eos_token or ""
+    return dataclasses.replace(
+        batch,
+        input_ids=np.concatenate([batch.input_ids, np.full((size, extra), pad_id, np.int32)], 1),
+        attention_mask=np.concatenate([batch.attention_mask, np.zeros((size, extra), bool)], 1),
+        token_type_ids=np.concatenate([batch.token_type_ids, np.zeros((size, extra), np.int32)], 1),
+        tokens=tuple(tuple(row) + (pad_text,) * extra for row in batch.tokens),
+    )
+
+
+def _check_pad_to(pad_to: PadTo) -> PadTo:
+    if pad_to is None or pad_to in ("bucket", "exact"):
+        return pad_to
+    if isinstance(pad_to, (bool, np.bool_)) or not isinstance(pad_to, (int, np.integer)):
+        raise ValueError(f"pad_to must be None or 'bucket' (the default), 'exact', or a number of "
+                         f"positions; got {pad_to!r}.")
+    return int(pad_to)
 
 
 def load(name_or_path: str | os.PathLike, dtype=None) -> Model:
@@ -40,7 +89,7 @@ def run(
     *,
     capture: Optional[Capture] = None,
     max_length: Optional[int] = None,
-    pad_to: Optional[int] = None,
+    pad_to: PadTo = None,
     attention_impl: AttentionImpl = "auto",
     return_output: bool = False,
     logits: Optional[str] = None,
@@ -50,8 +99,18 @@ def run(
     texts: a string, a list of strings, or for BERT (first, second) sentence pairs.
     capture: what to record; default attention probabilities and hidden states.
     max_length: truncate to this many tokens; without it an over-long text is an error.
-    pad_to: pad to at least this many positions, so that texts of different lengths
-    reuse one compiled forward (padding is masked; real tokens' numbers do not change).
+    pad_to: how far to pad (padding is masked, so real tokens' numbers never change;
+    Trace.mask says which positions are real, and the padding shows as the pad token):
+      None or "bucket" (default): to the smallest length bucket that fits the longest
+        text: powers of two from 16 to 512 (16, 32, 64, ...), then multiples of 512,
+        capped at the model's max positions (bucket_length). A new text of a similar
+        length then reuses the compiled forward and analyses instead of compiling new
+        ones (seconds) for its exact length. Exception: with Capture(pool=P), whose P
+        bins divide the padded length, None keeps the exact length (so the bins cover
+        the real tokens only); "bucket" pads it anyway;
+      "exact": no padding beyond the longest text (the Trace is as long as that text);
+      an int n: to at least n positions (at most the model's), e.g. one length for a
+        whole corpus; longer texts keep their length.
     Returns the Trace, or (output, Trace) with return_output=True (a decoder's logits, say).
     logits: which next-token logits a decoder computes (Model.forward): by default "all"
     with return_output=True and "none" without it (the LM head is then skipped); "last"
@@ -60,7 +119,12 @@ def run(
     capture = DEFAULT_CAPTURE if capture is None else capture
     if logits is None:
         logits = "all" if return_output else "none"
-    batch = tokenize(model, texts, max_length=max_length, pad_to=pad_to)
+    pad_to = _check_pad_to(pad_to)
+    fixed = pad_to if isinstance(pad_to, int) else None
+    batch = tokenize(model, texts, max_length=max_length, pad_to=fixed)
+    if pad_to == "bucket" or (pad_to is None and getattr(capture, "pool", None) is None):
+        seq = batch.input_ids.shape[1]
+        batch = _pad_batch(model, batch, bucket_length(seq, model.config.max_positions))
     output, trace = model.jit_forward(
         model.params, batch.input_ids, batch.attention_mask, batch.token_type_ids,
         capture=capture, attention_impl=attention_impl, logits=logits,

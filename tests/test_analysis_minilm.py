@@ -51,7 +51,7 @@ def hugging_face():
 
 @pytest.fixture(scope="module")
 def trace(model):
-    return attnjax.run(model, SENTENCES, capture=attnjax.Capture(attention=True))
+    return attnjax.run(model, SENTENCES, capture=attnjax.Capture(attention=True), pad_to="exact")
 
 
 def test_head_scores_equal_the_definitions_on_transformers_attentions(trace, hugging_face):

@@ -223,9 +223,10 @@ def test_capture_layers_run_in_model_order(minilm):
 def test_pad_to_keeps_the_real_tokens_numbers(minilm):
     # Padding is masked: the statistics of real queries do not depend on it.
     text = "Padding to a bucket must not change a thing."
-    plain = attnjax.run(minilm, text, capture=Capture(stats=True))
+    plain = attnjax.run(minilm, text, capture=Capture(stats=True), pad_to="exact")
     padded = attnjax.run(minilm, text, capture=Capture(stats=True), pad_to=64)
     n = plain.seq_len
+    assert int(np.asarray(plain.mask).sum()) == n  # "exact": no padding at all
     assert padded.seq_len == 64 and int(np.asarray(padded.mask).sum()) == n
     # Different compiled shapes: equal up to float32 rounding.
     np.testing.assert_allclose(np.asarray(padded.stats.entropy)[..., :n], np.asarray(plain.stats.entropy),
@@ -234,6 +235,34 @@ def test_pad_to_keeps_the_real_tokens_numbers(minilm):
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="pad_to=600 must be between 1 and the model's 512 positions"):
         attnjax.run(minilm, text, pad_to=600)
+    with pytest.raises(ValueError, match="pad_to must be None or 'bucket'"):
+        attnjax.run(minilm, text, pad_to="fast")
+
+
+def test_run_pads_to_a_length_bucket_by_default(minilm):
+    # The default pads to the smallest bucket (16, 32, 64, ...): the real positions, their
+    # tokens and numbers are those of the unpadded run; padding shows as the pad token.
+    from attnjax.api import bucket_length
+    from attnjax.tokenize import tokenize
+
+    texts = ["Short one.", "A somewhat longer sentence, which still fits in thirty-two tokens."]
+    exact = attnjax.run(minilm, texts, pad_to="exact")
+    for default in (attnjax.run(minilm, texts), attnjax.run(minilm, texts, pad_to="bucket")):
+        n = exact.seq_len
+        assert n not in (16, 32) and default.seq_len == bucket_length(n, 512) == (16 if n <= 16 else 32)
+        np.testing.assert_array_equal(np.asarray(default.mask)[:, :n], np.asarray(exact.mask))
+        assert not np.asarray(default.mask)[:, n:].any()
+        # Same tokens and ids as tokenize's own padding to that length.
+        reference = tokenize(minilm, texts, pad_to=default.seq_len)
+        assert default.tokens == reference.tokens
+        assert [t[:n] for t in default.tokens] == list(exact.tokens)
+        assert set(default.tokens[0][n:]) == {"[PAD]"}
+        np.testing.assert_array_equal(np.asarray(default.input_ids), reference.input_ids)
+        real = np.asarray(exact.mask)[None, :, None, :, None] & np.asarray(exact.mask)[None, :, None, None, :]
+        np.testing.assert_allclose(np.where(real, np.asarray(default.attention)[..., :n, :n], 0),
+                                   np.where(real, np.asarray(exact.attention), 0), rtol=1e-4, atol=1e-6)
+    assert bucket_length(1, 512) == 16 and bucket_length(129, 512) == 256 and bucket_length(513, 4096) == 1024
+    assert bucket_length(1500, 4096) == 1536 and bucket_length(300, 300) == 300 and bucket_length(60, 40) == 60
 
 
 def test_texts_that_truncation_cannot_fit_or_that_hold_no_words(minilm):

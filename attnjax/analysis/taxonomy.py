@@ -95,34 +95,54 @@ def classify_heads(scores: pd.DataFrame, thresholds: ThresholdsLike = None) -> p
     if missing:
         raise ValueError(f"classify_heads needs head_scores's columns; {missing} are missing.")
     result = scores.copy()
-    categories, decided_by, values, cuts = [], [], [], []
-    for _, row in scores.iterrows():
-        category, column, value, cut = _classify_row(row, limits)
-        categories.append(category)
-        decided_by.append(column)
-        values.append(value)
-        cuts.append(cut)
-    result["category"] = pd.Series(categories, index=result.index, dtype=object)
-    result["decided_by"] = pd.Series(decided_by, index=result.index, dtype=object)
-    result["decision_score"] = np.asarray(values, np.float64)
-    result["decision_threshold"] = np.asarray(cuts, np.float64)
+    category, column, value, cut = _classify_rows(scores, limits)
+    result["category"] = pd.Series(category, index=result.index, dtype=object)
+    result["decided_by"] = pd.Series(column, index=result.index, dtype=object)
+    result["decision_score"] = value
+    result["decision_threshold"] = cut
     return result
 
 
-def _classify_row(row: pd.Series, limits: HeadThresholds):
-    best = None  # (ratio, category, column, value, threshold)
-    for category, field, columns in _MASS_RULES:
-        threshold = getattr(limits, field)
-        available = [(row[c], c) for c in columns if c in row.index and np.isfinite(row[c])]
-        if not available:
-            continue
-        value, column = max(available)
-        if value >= threshold and (best is None or value / threshold > best[0]):
-            best = (value / threshold, category, column, float(value), threshold)
-    if best is not None:
-        return best[1:]
-    if np.isfinite(row["normalized_entropy"]) and row["normalized_entropy"] >= limits.broad:
-        return "broad", "normalized_entropy", float(row["normalized_entropy"]), limits.broad
-    if np.isfinite(row["mean_distance"]) and row["mean_distance"] <= limits.local:
-        return "local", "mean_distance", float(row["mean_distance"]), limits.local
-    return "mixed", "", float("nan"), float("nan")
+def _classify_rows(scores: pd.DataFrame, limits: HeadThresholds):
+    """(category, decided_by, decision_score, decision_threshold) arrays, one entry per row,
+    vectorised over rows: the rules are visited in the table's order, and a passing rule
+    replaces the best so far only with a strictly larger score / threshold."""
+    rows = len(scores)
+    category = np.full(rows, "mixed", dtype=object)
+    column = np.full(rows, "", dtype=object)
+    value = np.full(rows, np.nan)
+    cut = np.full(rows, np.nan)
+    best_ratio = np.full(rows, np.nan)
+    decided = np.zeros(rows, bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name, field, columns in _MASS_RULES:
+            threshold = getattr(limits, field)
+            # The largest finite score among the rule's columns (ties: the later name in
+            # sorted order, as max over (value, name) pairs picks).
+            rule_value = np.full(rows, np.nan)
+            rule_column = np.full(rows, "", dtype=object)
+            for candidate in sorted(c for c in columns if c in scores.columns):
+                values = scores[candidate].to_numpy(np.float64)
+                take = np.isfinite(values) & ~(rule_value > values)  # NaN so far, or >=
+                rule_value = np.where(take, values, rule_value)
+                rule_column[take] = candidate
+            ratio = rule_value / threshold
+            update = (rule_value >= threshold) & (~decided | (ratio > best_ratio))
+            category[update] = name
+            column[update] = rule_column[update]
+            value[update] = rule_value[update]
+            cut[update] = threshold
+            best_ratio[update] = ratio[update]
+            decided |= update
+        entropy = scores["normalized_entropy"].to_numpy(np.float64)
+        broad = ~decided & np.isfinite(entropy) & (entropy >= limits.broad)
+        distance = scores["mean_distance"].to_numpy(np.float64)
+        local = ~decided & ~broad & np.isfinite(distance) & (distance <= limits.local)
+    for mask, name, source, values, threshold in (
+            (broad, "broad", "normalized_entropy", entropy, limits.broad),
+            (local, "local", "mean_distance", distance, limits.local)):
+        category[mask] = name
+        column[mask] = source
+        value[mask] = values[mask]
+        cut[mask] = threshold
+    return category, column, value, cut

@@ -1,0 +1,103 @@
+"""Interactive latency: a new text in a warm process, and start-up in fresh ones.
+
+For the bundled MiniLM, in one warm process (one warm-up text first), the median over
+~10 new texts of different lengths (up to 128 tokens) of:
+
+- forward:         attnjax.run(model, text) (tokenise, pad, jitted forward, Trace);
+- head_scores:     attnjax.analysis.head_scores(trace);
+- classify_heads:  attnjax.analysis.classify_heads(scores);
+- total:           the three together.
+
+Then ``import attnjax`` and ``attnjax.load("minilm")`` (after the import), each timed
+in fresh subprocesses (median of a few).
+
+    python benchmarks/interactive.py [--pad-to bucket|exact] [--startup-repeats 3]
+
+Targets (issue 10): total <= 200 ms median, forward <= 50 ms; import <= 1 s,
+load <= 1.5 s. Timings are wall clock on whatever shares the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+# Words to draw texts from: ordinary prose, so lengths vary with the word count.
+WORDS = ("the quick brown fox jumps over a lazy dog while students read their books in "
+         "a quiet library , and the rain falls softly on old roofs . researchers study how "
+         "attention heads in language models route information between tokens").split()
+
+
+def new_texts(count: int = 10, seed: int = 1):
+    """count texts of different lengths (about 4 to 110 words: <= 128 tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = [4 + (i * 106) // max(count - 1, 1) for i in range(count)]
+    rng.shuffle(lengths)
+    return [" ".join(rng.choice(WORDS) for _ in range(n)) + f" {i}." for i, n in enumerate(lengths)]
+
+
+def warm_medians(pad_to, count: int):
+    import attnjax
+    from attnjax.analysis import classify_heads, head_scores
+
+    model = attnjax.load("minilm")
+    kwargs = {} if pad_to is None else {"pad_to": pad_to}
+    warm = attnjax.run(model, "A warm-up sentence.", **kwargs)
+    classify_heads(head_scores(warm))
+    times = {"forward": [], "head_scores": [], "classify_heads": [], "total": []}
+    lengths = []
+    for text in new_texts(count):
+        t0 = time.perf_counter()
+        trace = attnjax.run(model, text, **kwargs)
+        trace.attention.block_until_ready()
+        t1 = time.perf_counter()
+        scores = head_scores(trace)
+        t2 = time.perf_counter()
+        classify_heads(scores)
+        t3 = time.perf_counter()
+        times["forward"].append(t1 - t0)
+        times["head_scores"].append(t2 - t1)
+        times["classify_heads"].append(t3 - t2)
+        times["total"].append(t3 - t0)
+        lengths.append(int(trace.mask.sum()))
+    return {name: statistics.median(values) for name, values in times.items()}, times, lengths
+
+
+def fresh_seconds(code: str, repeats: int) -> float:
+    """Median wall seconds of the timed part of `code` (it prints its own seconds)."""
+    values = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        values.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(values)
+
+
+IMPORT_CODE = "import time; t = time.perf_counter(); import attnjax; print(time.perf_counter() - t)"
+LOAD_CODE = ("import time, attnjax; t = time.perf_counter(); attnjax.load('minilm'); "
+             "print(time.perf_counter() - t)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pad-to", default="bucket", help="'bucket' (run's default), 'exact', or an int")
+    parser.add_argument("--texts", type=int, default=10)
+    parser.add_argument("--startup-repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    pad_to = None if args.pad_to == "bucket" else (args.pad_to if args.pad_to == "exact" else int(args.pad_to))
+    medians, times, lengths = warm_medians(pad_to, args.texts)
+    print(f"MiniLM, warm process, {args.texts} new texts of {min(lengths)}-{max(lengths)} tokens "
+          f"(pad_to={args.pad_to}); median ms:")
+    for name, value in medians.items():
+        print(f"  {name:<15} {value * 1e3:8.1f}   (max {max(times[name]) * 1e3:.1f})")
+    print(f"fresh subprocesses, median of {args.startup_repeats}:")
+    print(f"  import attnjax          {fresh_seconds(IMPORT_CODE, args.startup_repeats):6.2f} s")
+    print(f"  attnjax.load('minilm')  {fresh_seconds(LOAD_CODE, args.startup_repeats):6.2f} s")
+
+
+if __name__ == "__main__":
+    main()
