@@ -197,6 +197,18 @@ def load_model(name: str, flag: str = "--model", dtype: str = "float32"):
     return model
 
 
+def check_comparable(model, model_b, args) -> None:
+    """--model-b is compared head by head: refuse another shape now, not after the runs."""
+    def shape(m):
+        return m.config.num_layers, m.config.num_heads
+
+    if shape(model) != shape(model_b):
+        raise InputError(
+            f"--model-b {args.model_b} has {shape(model_b)[0]} layers x {shape(model_b)[1]} heads, but "
+            f"--model {args.model} has {shape(model)[0]} x {shape(model)[1]}; the comparison matches "
+            "heads one to one, so give a model of the same architecture (e.g. another checkpoint of it).")
+
+
 def run_report(args) -> int:
     text = read_text(args)
     check_output(args.out)
@@ -221,6 +233,7 @@ def run_report(args) -> int:
         stamp = time.perf_counter()
         model_b = load_model(args.model_b, "--model-b", dtype=args.dtype)
         timings["load model B"] = time.perf_counter() - stamp
+        check_comparable(model, model_b, args)
     if args.max_length is None:
         for label, which, words in (("text", model, text), ("--compare text", model_b or model, args.compare)):
             if words is None:

@@ -168,3 +168,18 @@ def test_a_closed_pipe_ends_quietly(capsys, monkeypatch):
     status, _, err = run_main(capsys, "report", "--text", "x")
     assert status == cli.EXIT_BROKEN_PIPE == 141
     assert err == ""
+
+
+def test_model_b_of_another_shape_is_refused_before_running(capsys, tmp_path):
+    # MiniLM is 6 layers x 12 heads; a 2-layer x 4-head BERT cannot be compared head by head.
+    from attnjax.models.checkpoints import bundled_path
+    from tests.tiny_models import tiny_bert
+
+    tiny_bert(tmp_path / "small-bert", tokenizer_from=bundled_path())
+    capsys.readouterr()
+    status, _, err = run_main(capsys, "report", "--text", "hi there", "--model-b", str(tmp_path / "small-bert"),
+                              "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "--model-b", "2 layers x 4 heads", "6 x 12", "same architecture")
+    report = tmp_path / "r.html"
+    assert not report.exists() or report.stat().st_size == 0  # nothing was run or written
