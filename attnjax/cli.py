@@ -144,19 +144,19 @@ def read_text(args) -> str:
     return EXAMPLE_TEXT.read_text(encoding="utf-8")
 
 
-def check_output(path: Path) -> None:
+def check_output(path: Path, flag: str = "--out", example: str = "report.html") -> None:
     """Fail now, not after the model ran, if ``path`` cannot be written."""
     if path.is_dir():
-        raise InputError(f"--out {path} is a directory; give a file name such as {path / 'report.html'}.")
+        raise InputError(f"{flag} {path} is a directory; give a file name such as {path / example}.")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise InputError(f"--out {path}: directory {parent} does not exist; create it first.")
+        raise InputError(f"{flag} {path}: directory {parent} does not exist; create it first.")
     existed = path.exists()
     try:
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as error:
-        raise InputError(f"--out {path} cannot be written ({error.strerror or error}).") from None
+        raise InputError(f"{flag} {path} cannot be written ({error.strerror or error}).") from None
     if not existed:
         path.unlink(missing_ok=True)
 
@@ -295,7 +295,7 @@ def run_profile(args) -> int:
         raise InputError(f"{args.file} is empty; give a file with some words.")
     check_max_length(args.max_length)
     if args.csv is not None:
-        check_output(args.csv)
+        check_output(args.csv, "--csv", "heads.csv")
 
     import pandas as pd
     from tqdm.auto import tqdm
@@ -310,19 +310,29 @@ def run_profile(args) -> int:
     model = load_model(args.model, dtype=args.dtype)
     limit = args.max_length or model.config.max_positions
     capture = Capture(stats=True)
-    traces, truncated = [], 0
-    for chunk in tqdm(chunks, desc="profile", unit="paragraph", file=sys.stderr):
+    traces, truncated, skipped = [], 0, []
+    for number, chunk in enumerate(tqdm(chunks, desc="profile", unit="paragraph", file=sys.stderr), start=1):
         count = count_tokens(model, chunk)
-        truncated += int(count > limit)
         # Padding to a power-of-two bucket: a few compiled programs serve every length.
-        bucket = min(limit, max(PROFILE_MIN_BUCKET, 1 << (min(count, limit) - 1).bit_length()))
-        traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit, pad_to=bucket))
+        bucket = min(limit, max(PROFILE_MIN_BUCKET, 1 << (max(min(count, limit), 1) - 1).bit_length()))
+        try:
+            traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit, pad_to=bucket))
+        except ValueError as error:  # e.g. an emoji-only line: nothing but special tokens
+            skipped.append((number, str(error).replace("Text 0", "it")))
+            continue
+        truncated += int(count > limit)
+    for number, reason in skipped:
+        print(f"attnjax: skipped paragraph {number} of {args.file}: {reason}", file=sys.stderr)
+    if not traces:
+        raise InputError(f"{args.file}: none of its {len(chunks)} paragraphs could be used (see above).")
     scores = analysis.classify_heads(analysis.head_scores(traces))
     focus = analysis.focus_by_layer(traces)
     tokens = sum(int(t.mask.sum()) for t in traces)
     with pd.option_context("display.width", 120, "display.max_columns", 20):
         print(f"{model.name}: {len(traces)} paragraphs, {tokens} tokens"
-              + (f" ({truncated} truncated to {limit} tokens)" if truncated else ""))
+              + (f" ({truncated} truncated to {limit} tokens)" if truncated else "")
+              + (f"; skipped {len(skipped)} unusable: paragraph {', '.join(str(n) for n, _ in skipped)}"
+                 if skipped else ""))
         print("\nFocus by layer (means over heads):")
         print(focus[["layer", "entropy", "normalized_entropy", "max_weight"]].round(3).to_string(index=False))
         print("\nHead categories:")

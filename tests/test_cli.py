@@ -97,6 +97,25 @@ def test_profile(capsys, tmp_path):
     assert_one_line_error(err, "no such file")
 
 
+def test_profile_skips_an_unusable_paragraph_and_says_which(capsys, tmp_path):
+    # An emoji-only paragraph becomes only [CLS] [UNK] [SEP]-like special tokens: it is
+    # skipped by its number in the file, and the other paragraphs are still profiled.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat on the mat.\n\n\U0001F600\U0001F600\n\nThe dog slept by the door.\n")
+    status, out, err = run_main(capsys, "profile", str(corpus))
+    assert status == 0, err
+    assert "2 paragraphs" in out and "skipped 1 unusable: paragraph 2" in out
+    assert f"skipped paragraph 2 of {corpus}" in err and "Text 0" not in err
+
+
+def test_profile_csv_errors_name_the_flag(capsys, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat on the mat.\n")
+    status, _, err = run_main(capsys, "profile", str(corpus), "--csv", str(tmp_path))
+    assert status == 2
+    assert_one_line_error(err, "--csv", "is a directory", "heads.csv")
+
+
 def test_report_command_end_to_end(tmp_path):
     # The real command in a fresh process, as `make demo` runs it (built-in example text).
     out = tmp_path / "demo.html"
