@@ -9,10 +9,12 @@ functions").
 Two substitutions are made in the source text, and only these, because the machine
 that runs the suite is offline and has 2 CPU cores:
 
-- ``"HuggingFaceTB/SmolLM2-135M"`` (a hub id; downloading it needs the network)
-  becomes the path of a tiny random Llama saved by tests/tiny_decoders.py
-  (``llama-gqa-llama3``: GQA, llama3 RoPE, a tokenizer that adds BOS) with
-  ``max_position_embeddings=256``. It is the same family and code path as SmolLM2.
+- the hub ids ``"HuggingFaceTB/SmolLM2-135M"`` and ``"Qwen/Qwen2.5-0.5B"``
+  (downloading them needs the network) become the path of a tiny random Llama saved
+  by tests/tiny_decoders.py (``llama-gqa-llama3``: GQA, llama3 RoPE, a tokenizer that
+  adds BOS) with ``max_position_embeddings=256``: the same module and code path as
+  SmolLM2 (a llama) and Qwen2.5 (a qwen2 without windows, which differs only in its
+  q/k/v biases, tested in tests/test_decoder_parity.py).
 - ``max_length=16384`` becomes ``max_length=128``, so the long-context block runs the
   same streaming-statistics path at a length the tiny model holds, in a second.
   ``long_text`` itself is defined in the README block and is not changed.
@@ -31,7 +33,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).parent.parent / "README.md"
-HUB_ID = '"HuggingFaceTB/SmolLM2-135M"'
+HUB_IDS = ('"HuggingFaceTB/SmolLM2-135M"', '"Qwen/Qwen2.5-0.5B"')
 LONG = "max_length=16384"
 SHORT = "max_length=128"
 
@@ -47,7 +49,8 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     sources = blocks("python")
     assert len(sources) >= 5, "README.md should hold its python examples"
     text = "\n".join(sources)
-    assert HUB_ID in text and LONG in text, "update the substitutions in tests/test_readme.py"
+    assert all(hub_id in text for hub_id in HUB_IDS) and LONG in text, \
+        "update the substitutions in tests/test_readme.py"
 
     model_dir = tmp_path / "tiny-llama"
     tiny_decoder(model_dir, "llama-gqa-llama3", max_position_embeddings=256)
@@ -57,7 +60,9 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
 
     namespace = {"__name__": "__readme__"}
     for number, source in enumerate(sources):
-        source = source.replace(HUB_ID, repr(str(model_dir))).replace(LONG, SHORT)
+        for hub_id in HUB_IDS:
+            source = source.replace(hub_id, repr(str(model_dir)))
+        source = source.replace(LONG, SHORT)
         exec(compile(source, f"README.md[python block {number}]", "exec"), namespace)
 
     # What the blocks claim, checked on what they made.
