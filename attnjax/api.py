@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Optional, Union
 
@@ -11,47 +10,11 @@ import numpy as np
 from attnjax.models.attention import AttentionImpl
 from attnjax.models.checkpoints import load_directory, normalize_dtype, resolve
 from attnjax.models.model import Model
-from attnjax.tokenize import Batch, tokenize
+from attnjax.tokenize import bucket_length, tokenize  # noqa: F401  (bucket_length: part of run's contract)
 from attnjax.trace import Capture
 
 DEFAULT_CAPTURE = Capture(attention=True, hidden_states=True)
-# run pads to the smallest of these lengths that fits (the model's max positions if
-# none does), so that a new text reuses a compiled forward and analyses.
-SMALLEST_BUCKET = 16
-LARGEST_POWER_BUCKET = 512  # above it, multiples of 512 (less padding on long inputs)
 PadTo = Union[None, int, str]
-
-
-def bucket_length(length: int, limit: int) -> int:
-    """The padded length of run's default buckets, capped at the model's max positions
-    `limit`: powers of two from 16 to 512 (16, 32, 64, 128, 256, 512), then multiples of
-    512, the smallest that holds `length` tokens."""
-    bucket = SMALLEST_BUCKET
-    while bucket < length and bucket < LARGEST_POWER_BUCKET:
-        bucket *= 2
-    if bucket < length:
-        bucket = -(-length // LARGEST_POWER_BUCKET) * LARGEST_POWER_BUCKET
-    return max(min(bucket, limit), length)
-
-
-def _pad_batch(model: Model, batch: Batch, length: int) -> Batch:
-    """batch padded on the right to `length` positions, with tokenize's padding (the pad
-    token, else the end-of-text token, else id 0; masked, so any id serves)."""
-    size, seq = batch.input_ids.shape
-    extra = length - seq
-    if extra <= 0:
-        return batch
-    tokenizer = model.tokenizer
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
-                   if t is not None and 0 <= t < model.config.vocab_size), 0)
-    pad_text = tokenizer.pad_token or tokenizer.eos_token or ""
-    return dataclasses.replace(
-        batch,
-        input_ids=np.concatenate([batch.input_ids, np.full((size, extra), pad_id, np.int32)], 1),
-        attention_mask=np.concatenate([batch.attention_mask, np.zeros((size, extra), bool)], 1),
-        token_type_ids=np.concatenate([batch.token_type_ids, np.zeros((size, extra), np.int32)], 1),
-        tokens=tuple(tuple(row) + (pad_text,) * extra for row in batch.tokens),
-    )
 
 
 def _check_pad_to(pad_to: PadTo) -> PadTo:
@@ -120,11 +83,9 @@ def run(
     if logits is None:
         logits = "all" if return_output else "none"
     pad_to = _check_pad_to(pad_to)
-    fixed = pad_to if isinstance(pad_to, int) else None
-    batch = tokenize(model, texts, max_length=max_length, pad_to=fixed)
-    if pad_to == "bucket" or (pad_to is None and getattr(capture, "pool", None) is None):
-        seq = batch.input_ids.shape[1]
-        batch = _pad_batch(model, batch, bucket_length(seq, model.config.max_positions))
+    if pad_to is None:  # pooled maps keep the exact length: their bins divide it
+        pad_to = "bucket" if getattr(capture, "pool", None) is None else "exact"
+    batch = tokenize(model, texts, max_length=max_length, pad_to=None if pad_to == "exact" else pad_to)
     output, trace = model.jit_forward(
         model.params, batch.input_ids, batch.attention_mask, batch.token_type_ids,
         capture=capture, attention_impl=attention_impl, logits=logits,

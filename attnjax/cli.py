@@ -22,7 +22,6 @@ from typing import List, Optional, Sequence
 EXAMPLE_TEXT = Path(__file__).resolve().parent / "data" / "example.txt"
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a Unix tool killed by a closed pipe returns
-PROFILE_MIN_BUCKET = 32  # shortest padded length `attnjax profile` compiles for
 DTYPES = ("float32", "bfloat16")  # --dtype: what attnjax.load(dtype=...) takes from the command line
 
 
@@ -313,10 +312,8 @@ def run_profile(args) -> int:
     traces, truncated, skipped = [], 0, []
     for number, chunk in enumerate(tqdm(chunks, desc="profile", unit="paragraph", file=sys.stderr), start=1):
         count = count_tokens(model, chunk)
-        # Padding to a power-of-two bucket: a few compiled programs serve every length.
-        bucket = min(limit, max(PROFILE_MIN_BUCKET, 1 << (max(min(count, limit), 1) - 1).bit_length()))
-        try:
-            traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit, pad_to=bucket))
+        try:  # run pads to length buckets: a few compiled programs serve every length
+            traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit))
         except ValueError as error:  # e.g. an emoji-only line: nothing but special tokens
             skipped.append((number, str(error).replace("Text 0", "it")))
             continue

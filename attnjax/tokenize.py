@@ -10,6 +10,22 @@ import numpy as np
 from attnjax.models.common import is_decoder
 
 Text = Union[str, Tuple[str, str]]
+# pad_to="bucket" pads to the smallest of these lengths that fits (the model's max
+# positions if none does), so that a new text reuses a compiled forward and analyses.
+SMALLEST_BUCKET = 16
+LARGEST_POWER_BUCKET = 512  # above it, multiples of 512 (less padding on long inputs)
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """The padded length of the default buckets, capped at the model's max positions
+    `limit`: powers of two from 16 to 512 (16, 32, 64, 128, 256, 512), then multiples of
+    512, the smallest that holds `length` tokens."""
+    bucket = SMALLEST_BUCKET
+    while bucket < length and bucket < LARGEST_POWER_BUCKET:
+        bucket *= 2
+    if bucket < length:
+        bucket = -(-length // LARGEST_POWER_BUCKET) * LARGEST_POWER_BUCKET
+    return max(min(bucket, limit), length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +84,14 @@ def encode_all(tokenizer, texts: list, **options) -> list:
     return [{name: batch[name][i] for name in batch.keys()} for i in range(len(texts))]
 
 
-def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional[int] = None) -> Batch:
+def tokenize(model, texts, *, max_length: Optional[int] = None,
+             pad_to: Union[None, int, str] = None) -> Batch:
     """Tokenise and pad on the right; too-long texts are an error unless max_length truncates.
 
-    pad_to: pad the batch to at least this many positions (at most the model's), so
-    that texts of different lengths share one compiled program; padding is masked, so
-    the real tokens' numbers do not change.
+    pad_to: None pads to the longest text; an int pads the batch to at least this many
+    positions (at most the model's); "bucket" pads to ``bucket_length`` of the longest
+    text. Either way texts of different lengths share one compiled program; padding is
+    masked, so the real tokens' numbers do not change.
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -86,7 +104,7 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
     if max_length is not None:
         if not 1 <= max_length <= limit:
             raise ValueError(f"max_length={max_length} must be between 1 and the model's {limit} positions.")
-    if pad_to is not None and not 1 <= pad_to <= limit:
+    if pad_to is not None and pad_to != "bucket" and not 1 <= pad_to <= limit:
         raise ValueError(f"pad_to={pad_to} must be between 1 and the model's {limit} positions.")
     if is_decoder(model.family) and any(isinstance(t, tuple) for t in texts):
         raise ValueError(f"Sentence pairs are a BERT input; give {model.family} plain strings.")
@@ -116,7 +134,11 @@ def tokenize(model, texts, *, max_length: Optional[int] = None, pad_to: Optional
     encoded = [(list(f["input_ids"]), list(f.get("token_type_ids") or [0] * len(f["input_ids"])))
                for f in encoded]
 
-    seq_len = max([len(ids) for ids, _ in encoded] + [pad_to or 0])
+    seq_len = max(len(ids) for ids, _ in encoded)
+    if pad_to == "bucket":
+        seq_len = bucket_length(seq_len, limit)
+    elif pad_to is not None:
+        seq_len = max(seq_len, pad_to)
     # Padding is masked, so any id in the vocabulary serves: the pad token, else the
     # end-of-text token (GPT-2 and Llama have no pad token), else 0. Special tokens
     # (a decoder's BOS) come from the tokenizer's own post-processor, never added here.
