@@ -43,6 +43,14 @@ def last_real_positions(x: jax.Array, mask: jax.Array) -> jax.Array:
     last = seq_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # (B,)
     return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # (B, D)
 
+
+def lm_head_input(last: jax.Array, mask: jax.Array, logits: str):
+    """What a decoder's LM head reads for ``logits``: last (B, T, D) for "all", the last
+    real positions (B, D) for "last", None for "none" (no head at all)."""
+    if logits == "none":
+        return None
+    return last_real_positions(last, mask) if logits == "last" else last
+
 # Hugging Face activation names -> the exact function transformers uses.
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),       # erf GELU

@@ -31,7 +31,7 @@ from attnjax.models.common import (
     Dense,
     LayerNorm,
     activation,
-    last_real_positions,
+    lm_head_input,
     reject_options,
     require,
 )
@@ -189,9 +189,9 @@ class GPT2Module(nn.Module):
             if i in recorded_layers:
                 records.append(layer_records)
         last = LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")(x)  # (B, T, D)
-        if logits == "none":  # no (T, V) array at all
+        head_input = lm_head_input(last, mask, logits)  # (B, [T,] D), or None: no (T, V) array at all
+        if head_input is None:
             return GPT2Output(logits=None, last_hidden_state=last), hidden_states, records
-        head_input = last_real_positions(last, mask) if logits == "last" else last  # (B, D) or (B, T, D)
         if c.tie_word_embeddings:
             lm_logits = jnp.einsum("...D,VD->...V", head_input, wte.embedding,
                                    precision=MATMUL_PRECISION)  # (B, [T,] V)

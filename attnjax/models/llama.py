@@ -57,7 +57,7 @@ from attnjax.models.common import (
     Dense,
     UnsupportedConfigError,
     activation,
-    last_real_positions,
+    lm_head_input,
     reject_options,
     require,
 )
@@ -382,12 +382,7 @@ class LlamaModule(nn.Module):
             if i in recorded_layers:
                 records.append(layer_records)
         last = make_norm(c, "norm")(x)  # (B, T, D)
-        if logits == "none":  # no (T, V) array at all
-            head_input = None
-        elif logits == "last":
-            head_input = last_real_positions(last, mask)  # (B, D)
-        else:
-            head_input = last  # (B, T, D)
+        head_input = lm_head_input(last, mask, logits)  # (B, [T,] D), or None: no (T, V) array at all
         lm_logits = None
         if head_input is not None:
             if c.tie_word_embeddings:

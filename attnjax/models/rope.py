@@ -34,8 +34,6 @@ from attnjax.models.common import UnsupportedConfigError
 
 DEFAULT_THETA = 10_000.0  # RotaryEmbeddingConfigMixin.default_theta
 SUPPORTED_TYPES = ("default", "linear", "llama3")
-# Keys a rope dict may carry without changing anything this port computes.
-INERT_KEYS = {"rope_type", "type", "rope_theta"}
 TYPE_KEYS = {
     "default": set(),
     "linear": {"factor"},
