@@ -166,17 +166,14 @@ def check_max_length(value: Optional[int]) -> None:
 
 
 def quiet_libraries() -> None:
-    """The command reports over-long input itself; silence transformers' own warning about it
-    (and its advice that PyTorch is missing: attnjax never needs it)."""
+    """The command reports over-long input itself: silence transformers' own warnings
+    (and its advice that PyTorch is missing: attnjax never needs it) for the tokenizers
+    that still go through it. Set in the environment, so transformers is not imported
+    (it pulls in torch where installed) unless a tokenizer needs it."""
     import os
 
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
 
 
 def load_model(name: str, flag: str = "--model", dtype: str = "float32"):
