@@ -95,7 +95,7 @@ def backward(q, k, v, key_mask, out, lse, d_out, cfg: Config):
         dq_g, dk_g, dv_g = backward_group(q_g, k_g, v_g, group_key_visible(key_mask, b, cfg), out_g,
                                           take_rows(lse, b, kv0, cfg), d_out_g, cfg)
         dq, dk, dv = grads
-        return (put_queries(dq, dq_g, b, kv0, cfg), put_keys(dk, dk_g, b, kv0),
+        return (put_queries(dq, dq_g, b, kv0), put_keys(dk, dk_g, b, kv0),
                 put_keys(dv, dv_g, b, kv0)), None
 
     steps = jnp.arange(num_steps(batch, kv_heads, cfg), dtype=jnp.int32)

@@ -82,7 +82,7 @@ def take_keys(x, b, kv0, cfg: Config):
     return jnp.pad(block, ((0, 0), (0, cfg.padded - length), (0, 0)))  # (c, Tp, H)
 
 
-def put_queries(buffer, value, b, kv0, cfg: Config):
+def put_queries(buffer, value, b, kv0):
     """Write a group's (c, G, Tp, H) query-side rows into the (B, T, Hq, H) buffer."""
     length = buffer.shape[1]
     c, groups, _, head_dim = value.shape

@@ -183,7 +183,7 @@ def forward(q, k, v, key_mask, cfg: Config):
         q_g = take_queries(q, b, kv0, cfg)  # (c, G, Tp, H)
         k_g, v_g = take_keys(k, b, kv0, cfg), take_keys(v, b, kv0, cfg)  # (c, Tp, H) each
         out_g, rows = forward_group(q_g, k_g, v_g, group_key_visible(key_mask, b, cfg), cfg)
-        return put_queries(out, out_g, b, kv0, cfg), rows
+        return put_queries(out, out_g, b, kv0), rows
 
     steps = jnp.arange(num_steps(batch, kv_heads, cfg), dtype=jnp.int32)
     out, rows = lax.scan(step, jnp.zeros_like(q), steps)  # rows (S, c, G, Tp) each

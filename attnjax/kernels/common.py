@@ -67,10 +67,9 @@ def rows_with_keys(mask: Optional[jax.Array], batch: int, length: int, spec: Att
     """
     if mask is None:
         return jnp.ones((batch, length), dtype=bool)  # (B, T)
-    real = mask.astype(jnp.int32)  # (B, T)
     if not spec.causal:
         return jnp.broadcast_to(jnp.any(mask.astype(bool), axis=1, keepdims=True), (batch, length))  # (B, T)
-    seen = jnp.cumsum(real, axis=1)  # (B, T): real keys at or before i
+    seen = jnp.cumsum(mask.astype(jnp.int32), axis=1)  # (B, T): real keys at or before i
     if spec.window is None or spec.window >= length:
         return seen > 0  # (B, T)
     before_window = jnp.pad(seen, ((0, 0), (spec.window, 0)))[:, :length]  # (B, T): real keys at or before i - W

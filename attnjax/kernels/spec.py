@@ -56,10 +56,6 @@ class AttentionSpec:
     stats: bool = False
     pool: Optional[int] = None
 
-    def kv_head(self, query_head):
-        """The kv head a query head reads (an int or an int array)."""
-        return query_head // self.groups
-
 
 def cap_scores(scores: jax.Array, softcap: Optional[float]) -> jax.Array:
     """Gemma 2's soft-capping ``c * tanh(s / c)``; the scores unchanged without a cap."""
