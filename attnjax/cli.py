@@ -215,7 +215,7 @@ def run_report(args) -> int:
                                               else args.token)
 
     import attnjax
-    from attnjax.viz.report import ReportInputError, build_report, count_tokens
+    from attnjax.report import ReportInputError, build_report, count_tokens
 
     attnjax.enable_compilation_cache()
     attnjax.tune_host_allocator()
@@ -298,7 +298,7 @@ def run_profile(args) -> int:
 
     import attnjax
     from attnjax import Capture, analysis
-    from attnjax.viz.report import count_tokens
+    from attnjax.report import count_tokens
 
     attnjax.enable_compilation_cache()
     attnjax.tune_host_allocator()

@@ -167,7 +167,7 @@ def test_model_without_tokenizer_is_a_clear_error(capsys, tmp_path):
 
 
 def test_negative_token_counts_from_the_end():
-    from attnjax.viz.report import ReportInputError, choose_token
+    from attnjax.report import ReportInputError, choose_token
 
     tokens = ("[CLS]", "the", "cat", "[SEP]")
     positions = np.arange(4)

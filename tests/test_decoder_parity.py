@@ -387,7 +387,7 @@ def test_unsupported_option_from_a_directory(built, tmp_path):
 def test_report_on_a_decoder(llama_run, tmp_path):
     """The report runs on a Llama-like decoder as on GPT-2, next-token explorer included
     (from the last position's logits only)."""
-    from attnjax.viz.report import build_report
+    from attnjax.report import build_report
 
     model, _, asked = llama_run
     report = build_report(model, TEXT, progress=False)

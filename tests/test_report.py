@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import attnjax
-from attnjax.viz import browser, report as report_module
-from attnjax.viz.report import ReportInputError, build_report, choose_token
+from attnjax import report as report_module
+from attnjax.viz import browser
+from attnjax.report import ReportInputError, build_report, choose_token
 from tests.tiny_models import tiny_gpt2
 
 EXAMPLE = (Path(attnjax.__file__).parent / "data" / "example.txt").read_text()
@@ -159,7 +160,7 @@ def test_run_table_describes_a_decoders_attention():
     # Gemma 2-like: grouped-query heads, sliding windows on even layers, soft-capped scores.
     from types import SimpleNamespace
 
-    from attnjax.viz.report import _decoder_rows
+    from attnjax.report import _decoder_rows
 
     config = SimpleNamespace(num_heads=8, num_kv_heads=4, windows=(4096, None, 4096, None),
                              attn_logit_softcapping=50.0, dtype="bfloat16")

@@ -1,4 +1,4 @@
-"""Altair charts of attention analyses, safe self-contained HTML, and the report.
+"""Altair charts of attention analyses and safe self-contained HTML (the report page is built by attnjax.report).
 
     from attnjax import viz
     frame = viz.attention_frame(trace)            # long (layer, head, query, key, weight, tokens)
@@ -22,11 +22,10 @@ from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
 from attnjax.viz.html import save_html, save_image, to_html
 from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
 from attnjax.viz.next_token import next_token_explorer
-from attnjax.viz.report import Report, build_report
 
 __all__ = [
-    "HEATMAP_MAX_TOKENS", "OVERVIEW_MAX_WEIGHTS", "Report", "anomaly_chart", "attention_frame",
-    "attention_heatmap", "build_report", "comparison_chart", "focus_chart", "layer_similarity_chart",
+    "HEATMAP_MAX_TOKENS", "OVERVIEW_MAX_WEIGHTS", "anomaly_chart", "attention_frame",
+    "attention_heatmap", "comparison_chart", "focus_chart", "layer_similarity_chart",
     "model_overview", "next_token_explorer", "next_token_frames", "save_html", "save_image",
     "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
 ]
