@@ -443,8 +443,8 @@ def test_detect_anomalies_finds_the_heads_that_were_built(rng):
     assert found == {(1, 0, "over-dispersed"), (1, 1, "over-concentrated"), (1, 2, "jumping")}
     sink = flagged[flagged["kind"] == "over-concentrated"].iloc[0]
     assert "mostly on position 0 '[CLS]'" in sink["detail"]
-    assert set(flagged.columns) == {"layer", "head", "kind", "score", "threshold", "flagged", "detail"}
-    assert flagged["flagged"].all()
+    assert set(flagged.columns) == {"layer", "head", "kind", "score", "threshold", "flagged", "verdict", "detail"}
+    assert flagged["flagged"].all() and (flagged["verdict"] == "flagged").all()
 
 
 def test_detect_anomalies_finds_an_inconsistent_layer(rng):
@@ -477,6 +477,62 @@ def test_anomaly_scores_match_reference(rng):
     np.testing.assert_allclose(every.xs("over-concentrated", level="kind").to_numpy(), concentrated.reshape(-1))
     np.testing.assert_allclose(every.xs("jumping", level="kind").to_numpy(), jump.reshape(-1), atol=1e-7)
     assert analysis.detect_anomalies(trace, {"jump": 2.0, "dispersed": 2.0, "concentrated_fraction": 2.0}).empty
+
+
+def odd_heads_trace(rng, seq):
+    """One layer of ``seq`` tokens: two sharp previous-token heads, a dead head (every query
+    all on [CLS]), a uniform head and a head whose argmax jumps to random far keys."""
+    ids = rng.choice(np.arange(1000, 5000), size=seq, replace=False)[None]
+    ids[0, 0], ids[0, -1] = CLS, SEP
+    tokens = [["[CLS]"] + [f"w{i}" for i in ids[0, 1:-1]] + ["[SEP]"]]
+    local = 0.85 * np.eye(seq, k=-1) + 0.15 * np.eye(seq)
+    local[0, 0] = 1.0
+    heads = np.repeat(local[None], 5, axis=0)  # (H=5, T, T)
+    heads[2] = 0.0
+    heads[2, :, 0] = 1.0  # dead: everything on [CLS]
+    heads[3] = 1.0 / seq  # uniform
+    far = (np.arange(seq) + seq // 2) % seq  # argmax half the text away: never local
+    heads[4] = 0.1 / seq
+    heads[4, np.arange(seq), rng.permutation(far)] += 0.9
+    return make_trace(heads[None, None], ids, tokens)
+
+
+@pytest.mark.parametrize("seq", [16, 100])
+def test_dead_uniform_and_jumping_heads_are_caught_short_and_long(rng, seq):
+    # 16 tokens: the shortest text on which every kind gives a verdict (jumping's minimum).
+    flagged = analysis.detect_anomalies(odd_heads_trace(rng, seq))
+    found = set(zip(flagged["head"], flagged["kind"]))
+    assert found == {(2, "over-concentrated"), (3, "over-dispersed"), (4, "jumping")}
+    assert not flagged.attrs["too_short"]
+
+
+def test_short_texts_get_too_short_not_a_flag(rng):
+    # 8 tokens: under the minimum of over-concentrated (12) and jumping (16). The dead and
+    # jumping heads are not flagged: their verdict is "too short", said in the result.
+    every = analysis.detect_anomalies(odd_heads_trace(rng, 8), flagged_only=False)
+    by_kind = every.set_index(["head", "kind"])
+    for kind, minimum in (("over-concentrated", 12), ("jumping", 16)):
+        rows = every[every["kind"] == kind]
+        assert (rows["verdict"] == "too short").all() and not rows["flagged"].any()
+        assert rows["score"].isna().all()
+        assert f"needs at least {minimum}" in rows.iloc[0]["detail"] and "has 8 tokens" in rows.iloc[0]["detail"]
+    # near-uniform attention is judged at any length: uniform is 1 whatever the keys
+    assert by_kind.loc[(3, "over-dispersed"), "verdict"] == "flagged"
+    flagged = analysis.detect_anomalies(odd_heads_trace(rng, 8))
+    assert set(zip(flagged["head"], flagged["kind"])) == {(3, "over-dispersed")}
+    assert set(flagged.attrs["too_short"]) == {"over-concentrated", "jumping"}
+    # the minimum is a threshold like the others: lowered, the dead head is judged again
+    lowered = analysis.detect_anomalies(odd_heads_trace(rng, 8), {"min_tokens_concentrated": 8})
+    assert (2, "over-concentrated") in set(zip(lowered["head"], lowered["kind"]))
+
+
+def test_a_corpus_is_judged_on_its_long_enough_texts(rng):
+    # the 8-token text does not enter the concentrated / jump scores of the corpus
+    short, long = odd_heads_trace(rng, 8), odd_heads_trace(rng, 40)
+    alone = analysis.detect_anomalies(long, flagged_only=False).set_index(["head", "kind"])["score"]
+    corpus = analysis.detect_anomalies([short, long], flagged_only=False).set_index(["head", "kind"])["score"]
+    for kind in ("over-concentrated", "jumping"):
+        np.testing.assert_allclose(corpus.xs(kind, level="kind"), alone.xs(kind, level="kind"))
 
 
 # ---------------------------------------------------------------- comparisons

@@ -125,3 +125,14 @@ def test_compare_two_inputs_of_different_lengths(model):
     assert len(changes) == 72 and changes["jsd"].between(0.0, np.log(2)).all()
     assert (changes["jsd"] > 0).any()  # aligned positions attend differently once the text goes on
     np.testing.assert_allclose(changes["entropy_diff"], changes["entropy_b"] - changes["entropy_a"])
+
+
+def test_healthy_minilm_on_short_sentences_is_not_flagged(model):
+    # issue 10: "hi there" flagged 25 of 72 heads and "She went home." 16 heads as dead or
+    # sink heads, by thresholds measured at 128 tokens. Now: no flag, and the result says why.
+    for text in ("hi there", "She went home.", "We won the game."):
+        trace = attnjax.run(model, text, capture=attnjax.Capture(attention=True))
+        flagged = analysis.detect_anomalies(trace)
+        assert flagged.empty, (text, flagged)
+        assert "needs at least 12" in flagged.attrs["too_short"]["over-concentrated"]
+        assert "needs at least 16" in flagged.attrs["too_short"]["jumping"]

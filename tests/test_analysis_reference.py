@@ -186,8 +186,8 @@ def reference_similarity(maps, mask, metric="jsd", dtype=np.float64):
     return out
 
 
-def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.9, window=2, decisive=0.5,
-                             windows=None):
+def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.98, window=2, decisive=0.5,
+                             windows=None, min_concentrated=12, min_jump=16):
     """Per-head (L, H) concentrated share and jump score (attnjax/analysis/anomalies.py).
 
     concentrated: share of non-padding queries with top-2 mass >= ``mass`` whose argmax is
@@ -195,6 +195,8 @@ def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.
     jump: mean over adjacent query pairs of |argmax step| / span (the sequence's tokens,
     or the layer's sliding window from ``windows`` if smaller), counting only pairs of
     decisive queries (max weight >= ``decisive``) whose argmaxes are not both explained.
+    Both average only over sequences whose span is at least ``min_concentrated`` /
+    ``min_jump`` tokens (NaN if none is).
     """
     attention = np.asarray(attention, np.float64)
     mask = np.asarray(mask, bool)
@@ -205,27 +207,39 @@ def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.
     special = np.zeros((batch, seq), bool)
     if tokens is not None:
         special = np.isin(np.asarray(tokens, object), ["[CLS]", "[SEP]", "<s>", "</s>"])
+    lengths = mask.sum(-1)
+
+    def span(layer, b):
+        n = int(lengths[b])
+        return n if windows is None or windows[layer] is None else min(n, windows[layer])
+
     concentrated = np.zeros((num_layers, heads))
+    queries = np.zeros(num_layers)
     for layer in range(num_layers):
-        for head in range(heads):
-            for b in range(batch):
+        for b in range(batch):
+            if span(layer, b) < min_concentrated:
+                continue
+            queries[layer] += mask[b].sum()
+            for head in range(heads):
                 keys = argmax[layer, b, head][mask[b]]
                 modal = np.bincount(keys, minlength=seq).argmax()  # first most frequent key
                 for i in np.flatnonzero(mask[b]):
                     k = argmax[layer, b, head, i]
                     fixed = k == 0 or special[b, k] or k == modal
                     concentrated[layer, head] += top2[layer, b, head, i] >= mass and fixed
-    concentrated /= mask.sum()
+    with np.errstate(invalid="ignore"):
+        concentrated /= queries[:, None]
     ids = np.asarray(input_ids)
     jump = np.zeros((num_layers, heads))
-    pairs = 0
+    pairs = np.zeros(num_layers)
     for b in range(batch):
-        n = int(mask[b].sum())
         for i in range(seq - 1):
             if not (mask[b, i] and mask[b, i + 1]):
                 continue
-            pairs += 1
             for layer in range(num_layers):
+                if span(layer, b) < min_jump:
+                    continue
+                pairs[layer] += 1
                 for head in range(heads):
                     k0, k1 = argmax[layer, b, head, i], argmax[layer, b, head, i + 1]
 
@@ -238,9 +252,9 @@ def reference_anomaly_scores(attention, mask, input_ids, tokens=None, *, mass=0.
                     if weights[i].max() < decisive or weights[i + 1].max() < decisive:
                         continue
                     if not (explained(i, k0) and explained(i + 1, k1)):
-                        span = n if windows is None or windows[layer] is None else min(n, windows[layer])
-                        jump[layer, head] += abs(k1 - k0) / span
-    return concentrated, jump / max(pairs, 1)
+                        jump[layer, head] += abs(k1 - k0) / span(layer, b)
+    with np.errstate(invalid="ignore"):
+        return concentrated, jump / pairs[:, None]
 
 
 # ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ Rows that describe a whole layer, or the mean over heads, carry head = -1 (ALL_H
 """
 
 from attnjax.analysis._common import ALL_HEADS, CLS_TOKENS, PUNCTUATION_TOKENS, SEP_TOKENS
-from attnjax.analysis.anomalies import KINDS, AnomalyThresholds, detect_anomalies
+from attnjax.analysis.anomalies import KINDS, VERDICTS, AnomalyThresholds, detect_anomalies
 from attnjax.analysis.compare import compare
 from attnjax.analysis.flow import attention_flow, focus_by_layer, rollout, rollout_frame, token_flow
 from attnjax.analysis.scores import SCORE_COLUMNS, head_scores
@@ -25,7 +25,7 @@ from attnjax.analysis.similarity import METRICS, head_similarity, layer_similari
 from attnjax.analysis.taxonomy import CATEGORIES, HeadThresholds, classify_heads
 
 __all__ = [
-    "ALL_HEADS", "CATEGORIES", "CLS_TOKENS", "KINDS", "METRICS", "PUNCTUATION_TOKENS",
+    "ALL_HEADS", "CATEGORIES", "CLS_TOKENS", "KINDS", "METRICS", "PUNCTUATION_TOKENS", "VERDICTS",
     "SCORE_COLUMNS", "SEP_TOKENS", "AnomalyThresholds", "HeadThresholds",
     "attention_flow", "classify_heads", "compare", "detect_anomalies", "focus_by_layer",
     "head_scores", "head_similarity", "layer_similarity", "rollout", "rollout_frame",

@@ -314,21 +314,29 @@ def attention_head_means(attention, mask, *, causal: bool, windows: Windows = ()
 
 
 # Defaults of the per-query parameters of the anomaly scores (attnjax.analysis.anomalies).
-CONCENTRATED_MASS = 0.9  # top-2 mass that makes a query concentrated
-DECISIVE = 0.5           # max weight that makes a query's argmax count for jumping
-LOCAL_WINDOW = 2         # |argmax - query| <= this is a local (positional) argmax
+CONCENTRATED_MASS = 0.98  # top-2 mass that makes a query concentrated
+DECISIVE = 0.5            # max weight that makes a query's argmax count for jumping
+LOCAL_WINDOW = 2          # |argmax - query| <= this is a local (positional) argmax
+# Shortest sequence (its span: tokens, or the layer's window W if smaller) whose queries
+# count towards the concentrated / jump scores; shorter ones are "too short" for a
+# verdict (measurements and the null behind them: anomalies.py, benchmarks/anomaly_rates.py).
+MIN_TOKENS_CONCENTRATED = 12
+MIN_TOKENS_JUMP = 16
 
 
 @functools.partial(jax.jit, static_argnames=("local_window", "windows"))
 def anomaly_sums(max_weight, top2, argmax, mask, input_ids, special, *, local_window, concentrated_mass, decisive,
-                 windows: Windows = ()):
+                 windows: Windows = (), min_tokens_concentrated: int = 0, min_tokens_jump: int = 0):
     """Sums over queries of the per-head anomaly scores (definitions: anomalies.py).
 
     max_weight, top2 (L, B, H, T) float32; argmax (L, B, H, T) int32; mask, input_ids
     (B, T); special (B, T) bool: [CLS]/[SEP] keys; windows: each layer's sliding window
-    (() for none), which bounds how far an argmax can move (jump's span). Returns (L, H)
-    sums ``jump``, ``concentrated`` (and its split ``on_first`` / ``on_special`` by
-    where the argmax lands), and the scalar counts ``pairs`` and ``queries``.
+    (() for none), which bounds how far an argmax can move (jump's span).
+    min_tokens_concentrated / min_tokens_jump: only sequences whose span (tokens, or W if
+    smaller) reaches this count towards concentrated / jump ("too short" otherwise).
+    Returns (L, H) sums ``jump``, ``concentrated`` (and its split ``on_first`` /
+    ``on_special`` by where the argmax lands), and the (L,) counts of the queries and
+    query pairs they sum over, ``queries`` and ``pairs``.
     """
     mask = mask.astype(bool)
     seq = mask.shape[1]
@@ -349,7 +357,9 @@ def anomaly_sums(max_weight, top2, argmax, mask, input_ids, special, *, local_wi
     both = explained[..., 1:] & explained[..., :-1]  # (L, B, H, T-1)
     focused = max_weight >= decisive  # (L, B, H, T) the argmax means something
     counted = focused[..., 1:] & focused[..., :-1] & ~both  # (L, B, H, T-1)
-    pair = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)  # (B, T-1)
+    long_jump = (span >= min_tokens_jump).astype(jnp.float32)  # (L, B) long enough to judge
+    long_concentrated = (span >= min_tokens_concentrated).astype(jnp.float32)  # (L, B)
+    pair = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)[None] * long_jump[:, :, None]  # (L, B, T-1)
     jump = jnp.where(counted, step, 0.0) / jnp.maximum(span, 1.0)[:, :, None, None]  # (L, B, H, T-1)
 
     # the head's favourite key in each sequence: the argmax of most of its queries
@@ -359,16 +369,16 @@ def anomaly_sums(max_weight, top2, argmax, mask, input_ids, special, *, local_wi
     ].add(jnp.broadcast_to(mask[None, :, None, :], argmax.shape).astype(jnp.float32))
     modal = jnp.argmax(counts, axis=-1)[..., None]  # (L, B, H, 1)
     concentrated = (top2 >= concentrated_mass) & (first | on_special | (argmax == modal))  # (L, B, H, T)
-    query = mask.astype(jnp.float32)  # (B, T)
+    query = mask.astype(jnp.float32)[None] * long_concentrated[:, :, None]  # (L, B, T)
 
     def per_head(selected):  # (L, B, H, T) bool -> (L, H)
-        return jnp.einsum("LBHQ,BQ->LH", selected.astype(jnp.float32), query)
+        return jnp.einsum("LBHQ,LBQ->LH", selected.astype(jnp.float32), query)
 
     return {
-        "jump": jnp.einsum("LBHQ,BQ->LH", jump, pair),
-        "pairs": pair.sum(),
+        "jump": jnp.einsum("LBHQ,LBQ->LH", jump, pair),
+        "pairs": pair.sum((1, 2)),  # (L,)
         "concentrated": per_head(concentrated),
         "on_first": per_head(concentrated & first),
         "on_special": per_head(concentrated & on_special),
-        "queries": query.sum(),
+        "queries": query.sum((1, 2)),  # (L,)
     }

@@ -38,6 +38,35 @@ Four kinds, each a score per head (or per layer) against a threshold:
 Default thresholds were chosen from measurements on the bundled all-MiniLM-L6-v2 (see
 ``AnomalyThresholds`` and benchmarks/RESULTS.md): each sits beyond every head of the
 healthy model and below every head of the same model with broken query/key weights.
+
+Length. The thresholds were first measured at 128 tokens; on a short text a healthy head
+looks like a broken one, so each head kind has a minimum length below which it gives no
+verdict (verdict "too short", score NaN, never a flag). Length is a sequence's *span*:
+its tokens, or the layer's sliding window W when smaller (the most keys a query sees).
+
+- over-dispersed needs >= 3 tokens (``min_tokens_dispersed``). Normalized entropy divides
+  by ln(visible keys), so uniform attention scores exactly 1 at every length (Clark et
+  al. 2019's uniform baseline ln n, made length-free); healthy MiniLM stays <= 0.95 from
+  3 to 128 tokens and the broken std-0.02 model >= 0.99 at every length. With two keys
+  any mild split (0.6 / 0.4: 0.97) reads as near-uniform, so two tokens are too short.
+- over-concentrated needs >= 12 tokens (``min_tokens_concentrated``), counted per
+  sequence: shorter sequences do not enter the score. With n keys the two largest
+  weights hold at least 2 / n by chance, and healthy MiniLM puts nearly everything on
+  [CLS] in short texts (Clark et al.'s no-op attention): at 4-11 tokens some healthy head
+  has 100% of its queries at top-2 mass >= 0.98 on [CLS], at 12-24 tokens at most 25%,
+  at 100+ tokens at most 10% (benchmarks/anomaly_rates.py). The top-2 mass is 0.98 (it
+  was 0.9: at 12-24 tokens healthy sink heads reach 0.9-0.95 on [CLS] for most queries,
+  a dead head puts everything on one key).
+- jumping needs >= 16 tokens (``min_tokens_jump``), per sequence as above. The null: a
+  head whose argmax is uniformly random over n keys scores (exactly, benchmarks/
+  anomaly_rates.py's null_jump) 0.08 at n = 6, 0.16 at 8, 0.25 at 12, 0.28 at 16 and
+  0.33 at 128: below 16 tokens most random argmaxes are "local" or on [CLS]/[SEP], and a
+  random head would not clear the 0.15 threshold reliably; healthy heads reach 0.18 at
+  10 tokens (few pairs, noisy) and at most 0.13 from 16 tokens on.
+- layer inconsistency has no minimum: its z-score compares the layers of the same text.
+
+For a corpus, the concentrated and jump scores average over the sequences long enough,
+and the verdict is "too short" only when none is.
 """
 
 from __future__ import annotations
@@ -49,13 +78,17 @@ import numpy as np
 import pandas as pd
 
 from attnjax.analysis._common import (
-    ALL_HEADS, TraceOrTraces, as_traces, has_attention, layer_ids, resolve_thresholds,
+    ALL_HEADS, TraceOrTraces, as_traces, has_attention, layer_ids, resolve_thresholds, trace_windows,
 )
-from attnjax.analysis._terms import CONCENTRATED_MASS, DECISIVE, LOCAL_WINDOW
+from attnjax.analysis._terms import (
+    CONCENTRATED_MASS, DECISIVE, LOCAL_WINDOW, MIN_TOKENS_CONCENTRATED, MIN_TOKENS_JUMP,
+)
 from attnjax.analysis.scores import head_scores
 from attnjax.analysis.similarity import layer_similarity
 
 KINDS = ("over-dispersed", "over-concentrated", "jumping", "layer inconsistency")
+# The verdict column: a flag, no flag, or no verdict because the text is too short.
+VERDICTS = ("flagged", "not flagged", "too short")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +102,20 @@ class AnomalyThresholds:
     query/key weights replaced by noise: std 0.02 (near-uniform attention) gives
     normalized entropy >= 0.997 for every head; std 0.3-1.0 (sharp attention on random
     keys) gives jump scores 0.20-0.37 for every head. Each default sits between the two.
+    The minimum lengths (tokens, or the window W if smaller) and the top-2 mass 0.98 come
+    from the same model on short texts: the module docstring says why each is where it is.
     """
 
     dispersed: float = 0.98              # mean normalized entropy, at least
-    concentrated_mass: float = CONCENTRATED_MASS  # 0.9: top-2 mass of one query, at least ...
+    concentrated_mass: float = CONCENTRATED_MASS  # 0.98: top-2 mass of one query, at least ...
     concentrated_fraction: float = 0.8   # ... for at least this share of queries ("most")
     jump: float = 0.15                   # mean unexplained |argmax step| / tokens, at least
     decisive: float = DECISIVE           # 0.5: a query's argmax counts for jumping when its weight >= this
     local_window: int = LOCAL_WINDOW     # 2: |argmax - query| <= this counts as local
     layer_z: float = 3.5                 # robust z of a layer's divergence from its neighbours
+    min_tokens_dispersed: int = 3        # shorter: no over-dispersed verdict ("too short")
+    min_tokens_concentrated: int = MIN_TOKENS_CONCENTRATED  # 12: ... no over-concentrated verdict
+    min_tokens_jump: int = MIN_TOKENS_JUMP  # 16: ... no jumping verdict
 
 
 def detect_anomalies(
@@ -93,18 +131,25 @@ def detect_anomalies(
     trace: a Trace or a list of Traces (a corpus); full maps or streaming stats.
     thresholds: AnomalyThresholds or a dict overriding some of its fields.
     scores: head_scores(trace) to reuse (it carries the per-head anomaly scores); computed
-      if None, or if it was computed with other concentrated_mass / decisive / local_window.
+      if None, or if it was computed with other concentrated_mass / decisive / local_window
+      / min_tokens_* parameters.
     similarity: layer_similarity(trace, "jsd") to reuse; computed if None.
-    flagged_only: return only flagged rows (default) or every evaluated row.
+    flagged_only: return only flagged rows (default) or every evaluated row, including
+      the "too short" ones.
 
     Columns: layer (int), head (int; -1 for a whole-layer row), kind (str, one of
-    KINDS), score (float), threshold (float), flagged (bool), detail (str: why, in words).
-    Definitions in the module docstring.
+    KINDS), score (float; NaN when too short), threshold (float), flagged (bool), verdict
+    (str, one of VERDICTS: "too short" when the text is under the kind's minimum length,
+    which is never a flag), detail (str: why, in words). ``frame.attrs["too_short"]``
+    maps each kind left without a verdict to the reason, in words (also with
+    flagged_only=True). Definitions in the module docstring.
     """
     limits = resolve_thresholds(AnomalyThresholds, thresholds, "anomaly")
     traces = as_traces(trace)
     parameters = {"concentrated_mass": float(limits.concentrated_mass), "decisive": float(limits.decisive),
-                  "local_window": int(limits.local_window)}
+                  "local_window": int(limits.local_window),
+                  "min_tokens_concentrated": int(limits.min_tokens_concentrated),
+                  "min_tokens_jump": int(limits.min_tokens_jump)}
     if scores is None or scores.attrs.get("anomaly_parameters") != parameters:
         scores = head_scores(traces, **parameters)
     ids = layer_ids(traces[0])
@@ -112,31 +157,53 @@ def detect_anomalies(
         raise ValueError(f"detect_anomalies(scores=...) covers layers {sorted(set(scores['layer']))}, "
                          f"but the Trace holds layers {list(ids)}; pass head_scores of this Trace.")
     top_name = "top-2 weights" if has_attention(traces[0]) else "max weight (stats: top-1 only)"
+    longest = longest_span(traces)  # {layer: tokens}
+    minimum = {"over-dispersed": limits.min_tokens_dispersed, "over-concentrated": limits.min_tokens_concentrated,
+               "jumping": limits.min_tokens_jump}
+    too_short = {}
+
+    def row(layer, head, kind, value, threshold, detail):
+        if longest[layer] < minimum[kind] or not np.isfinite(value):
+            reason = (f"too short for a verdict: the longest text has {longest[layer]} tokens (in this layer's "
+                      f"view), and a {kind} verdict needs at least {minimum[kind]}")
+            too_short.setdefault(kind, reason)
+            return (layer, head, kind, np.nan, threshold, False, "too short", reason)
+        flagged = bool(value >= threshold)
+        return (layer, head, kind, value, threshold, flagged, "flagged" if flagged else "not flagged", detail)
+
     rows = []
-    for row in scores.itertuples(index=False):
-        layer, head = int(row.layer), int(row.head)
-        value = float(row.normalized_entropy)
-        rows.append((layer, head, "over-dispersed", value, limits.dispersed, value >= limits.dispersed,
-                     f"mean normalized entropy {value:.3f} >= {limits.dispersed:g}: attention is close "
-                     "to uniform over the visible keys"))
-        value = float(row.concentrated)
-        target = f", mostly on {row.concentrated_on}" if row.concentrated_on else ""
-        rows.append((layer, head, "over-concentrated", value, limits.concentrated_fraction,
-                     value >= limits.concentrated_fraction,
-                     f"{100 * value:.0f}% of queries put >= {limits.concentrated_mass:g} of their attention "
-                     f"({top_name}) on a sink or fixed key{target}: a dead or sink head"))
-        value = float(row.jump)
-        rows.append((layer, head, "jumping", value, limits.jump, value >= limits.jump,
-                     f"the argmax moves {value:.3f} of the sequence per query step on average, in "
-                     "steps neither local (previous/self/next token), to a sink, nor "
-                     "content-following (duplicate/induction)"))
+    for item in scores.itertuples(index=False):
+        layer, head = int(item.layer), int(item.head)
+        value = float(item.normalized_entropy)
+        rows.append(row(layer, head, "over-dispersed", value, limits.dispersed,
+                        f"mean normalized entropy {value:.3f} >= {limits.dispersed:g}: attention is close "
+                        "to uniform over the visible keys"))
+        value = float(item.concentrated)
+        target = f", mostly on {item.concentrated_on}" if item.concentrated_on else ""
+        rows.append(row(layer, head, "over-concentrated", value, limits.concentrated_fraction,
+                        f"{100 * value:.0f}% of queries put >= {limits.concentrated_mass:g} of their attention "
+                        f"({top_name}) on a sink or fixed key{target}: a dead or sink head"))
+        value = float(item.jump)
+        rows.append(row(layer, head, "jumping", value, limits.jump,
+                        f"the argmax moves {value:.3f} of the sequence per query step on average, in "
+                        "steps neither local (previous/self/next token), to a sink, nor "
+                        "content-following (duplicate/induction)"))
     rows.extend(_layer_rows(traces, ids, limits, similarity))
-    frame = pd.DataFrame(rows, columns=["layer", "head", "kind", "score", "threshold", "flagged", "detail"])
+    frame = pd.DataFrame(rows, columns=["layer", "head", "kind", "score", "threshold", "flagged", "verdict", "detail"])
     frame = frame.astype({"layer": np.int64, "head": np.int64, "score": np.float64,
                           "threshold": np.float64, "flagged": bool})
     if flagged_only:
         frame = frame[frame["flagged"]].reset_index(drop=True)
+    frame.attrs["too_short"] = too_short
     return frame
+
+
+def longest_span(traces) -> dict:
+    """{model layer: the longest span of any sequence}: its tokens, or the layer's window
+    W when smaller (the most keys one query can see there)."""
+    tokens = max(int(np.asarray(item.mask, bool).sum(-1).max()) for item in traces)
+    return {layer: tokens if window is None else min(tokens, int(window))
+            for layer, window in zip(layer_ids(traces[0]), trace_windows(traces[0]))}
 
 
 def _layer_rows(traces, ids: Sequence[int], limits: AnomalyThresholds, similarity) -> list:
@@ -158,7 +225,9 @@ def _layer_rows(traces, ids: Sequence[int], limits: AnomalyThresholds, similarit
         before, after = matrix[position, position - 1], matrix[position, position + 1]
         distance = float(min(before, after))
         score = (distance - median) / scale
-        rows.append((ids[position], ALL_HEADS, "layer inconsistency", score, limits.layer_z, score >= limits.layer_z,
+        flagged = bool(score >= limits.layer_z)
+        rows.append((ids[position], ALL_HEADS, "layer inconsistency", score, limits.layer_z, flagged,
+                     "flagged" if flagged else "not flagged",
                      f"JS divergence to layer {ids[position - 1]} is {before:.3f} and to layer "
                      f"{ids[position + 1]} is {after:.3f}; adjacent layers typically differ by "
                      f"{median:.3f} (robust z = {score:.1f})"))

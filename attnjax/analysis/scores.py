@@ -30,13 +30,13 @@ induction           sum of p over keys k whose previous        queries with an e
                     token k - 1 is an earlier occurrence of    k - 1 whose successor k they
                     the current token (Olsson et al. 2022;     see (k - 1 >= i - W; k - 1 itself
                     TransformerLens's induction diagonal)      may have left the window)
-concentrated        1 if the two largest weights sum to >=     every non-padding query
-                    0.9 and the argmax is a sink or the
-                    head's favourite key (anomalies.py)
+concentrated        1 if the two largest weights sum to >=     every non-padding query of a
+                    0.98 and the argmax is a sink or the       sequence whose span is >= 12
+                    head's favourite key (anomalies.py)        (NaN if none: too short)
 jump                |argmax(i+1) - argmax(i)| / span for       adjacent pairs (i, i + 1) of
-                    decisive, unexplained steps; span: the     non-padding queries
-                    sequence's tokens, or W if smaller
-                    (anomalies.py)
+                    decisive, unexplained steps; span: the     non-padding queries of a
+                    sequence's tokens, or W if smaller         sequence whose span is >= 16
+                    (anomalies.py)                             (NaN if none: too short)
 ==================  =========================================  ==============================
 
 Sliding windows (the parenthesised conditions, which hold for every query without a
@@ -86,6 +86,8 @@ from attnjax.analysis._terms import (
     CONCENTRATED_MASS,
     DECISIVE,
     LOCAL_WINDOW,
+    MIN_TOKENS_CONCENTRATED,
+    MIN_TOKENS_JUMP,
     Windows,
     anomaly_sums,
     attention_score_terms,
@@ -109,7 +111,7 @@ _ELIGIBLE = {
     "entropy": "query", "normalized_entropy": "spread", "max_weight": "query", "self": "query",
     "previous_token": "previous", "next_token": "next", "first_token": "first", "cls": "query",
     "sep": "query", "punctuation": "query", "mean_distance": "query", "induction": "repeat_successor",
-    "duplicate": "repeat", "concentrated": "query", "jump": "pairs",
+    "duplicate": "repeat", "concentrated": "long_queries", "jump": "long_pairs",
 }
 _CLASS_COLUMNS = ("cls", "sep", "punctuation")
 
@@ -123,6 +125,8 @@ def head_scores(
     concentrated_mass: float = CONCENTRATED_MASS,
     decisive: float = DECISIVE,
     local_window: int = LOCAL_WINDOW,
+    min_tokens_concentrated: int = MIN_TOKENS_CONCENTRATED,
+    min_tokens_jump: int = MIN_TOKENS_JUMP,
 ) -> pd.DataFrame:
     """One row per (layer, head) of attention scores averaged over queries.
 
@@ -147,7 +151,8 @@ def head_scores(
     """
     traces = as_traces(trace)
     parameters = {"concentrated_mass": float(concentrated_mass), "decisive": float(decisive),
-                  "local_window": int(local_window)}
+                  "local_window": int(local_window), "min_tokens_concentrated": int(min_tokens_concentrated),
+                  "min_tokens_jump": int(min_tokens_jump)}
     sums: Optional[Dict[str, np.ndarray]] = None
     counts: Optional[Dict[str, np.ndarray]] = None
     present = np.zeros(3, bool)
@@ -302,6 +307,7 @@ def score_sums(trace: Trace, classes: np.ndarray, parameters: dict) -> Tuple[Dic
         terms["max_weight"], terms["top2"], terms["argmax"], trace.mask, trace.input_ids, special,
         local_window=parameters["local_window"], concentrated_mass=parameters["concentrated_mass"],
         decisive=parameters["decisive"], windows=windows,
+        min_tokens_concentrated=parameters["min_tokens_concentrated"], min_tokens_jump=parameters["min_tokens_jump"],
     )
     sums, anomalies = jax.device_get((_weighted_sums(per_query, weights), anomalies))
     sums = {name: np.asarray(value, np.float64) for name, value in sums.items()}
@@ -311,4 +317,6 @@ def score_sums(trace: Trace, classes: np.ndarray, parameters: dict) -> Tuple[Dic
         for name in _CLASS_COLUMNS:
             sums[name] = np.asarray(jax.device_get(terms[f"{name}_total"].sum(1)), np.float64)  # (L, H)
     counts = {name: np.asarray(value, np.float64).sum((1, 2)) for name, value in jax.device_get(weights).items()}  # (L,)
+    counts["long_queries"] = np.asarray(anomalies["queries"], np.float64)  # (L,) sequences long enough to judge
+    counts["long_pairs"] = np.asarray(anomalies["pairs"], np.float64)
     return sums, counts
