@@ -4,8 +4,8 @@ detection on broken ones.
 For the bundled all-MiniLM-L6-v2 (72 heads), each text on its own
 (``attnjax.run`` then ``detect_anomalies``):
 
-- healthy texts: SHORT (2-6 word sentences) and LONG (paragraphs of ~100-130 tokens,
-  attnjax/data/example.txt among them). False-flag rate = flagged (head, kind) findings
+- healthy texts: SHORT (2-6 word sentences), MEDIUM (one sentence of 14-20 words) and
+  LONG (paragraphs of ~100-130 tokens, attnjax/data/example.txt among them). False-flag rate = flagged (head, kind) findings
   per head-text (a whole-layer finding counts once per head of that layer); also the
   share of head-texts with any flag, and of head-text verdicts withheld as "too short".
 - broken models (benchmarks/RESULTS.md, "Anomaly thresholds"): every query/key kernel
@@ -14,6 +14,8 @@ For the bundled all-MiniLM-L6-v2 (72 heads), each text on its own
   replaced by all attention on position 0 ([CLS]), the dead/sink head of Clark et al.
   2019. Detection rate = broken head-texts with at least one flag (for the dead heads:
   an over-concentrated flag) over all broken head-texts.
+- each before (top-2 mass 0.9, a verdict at every length: the rule measured at 128
+  tokens) and after (the length-aware defaults of attnjax/analysis/anomalies.py).
 
 Then, on one paragraph cut to 4 ... 128 tokens, the per-head scores of the healthy model
 by length (max over heads), and the null expectation of the jump score (a head whose
@@ -38,6 +40,18 @@ SHORT = (
     "We won the game.", "Call me tomorrow.", "The soup is cold.", "He plays the piano well.",
     "My phone is broken.", "Trains run late today.", "Birds sing at dawn.", "Please close the window.",
     "This book looks interesting.", "They moved to Paris.", "Dinner is ready now.",
+)
+MEDIUM = (
+    "The train to the coast was late again this morning, so I missed the first meeting.",
+    "My grandmother grew tomatoes, beans and potatoes in the small garden behind her house.",
+    "After the storm, volunteers cleared the fallen trees from the road near the school.",
+    "Could you send me the report before Friday, so that we can review it together?",
+    "The museum opens at nine, but the best time to visit is late in the afternoon.",
+    "He had never seen the sea before, and he stood on the beach for a long time.",
+    "Our team fixed the bug in the payment system and released a new version last night.",
+    "Children learn to read faster when their parents read stories with them at home.",
+    "The recipe asks for two eggs, a cup of sugar and some butter, mixed until smooth.",
+    "Nobody expected the small local band to win the national music prize this year.",
 )
 LONG = (
     (Path(__file__).resolve().parents[1] / "attnjax" / "data" / "example.txt").read_text(encoding="utf-8"),
@@ -120,7 +134,11 @@ def too_short_count(frame) -> int:
     return int((frame["verdict"] == "too short").sum())
 
 
-def evaluate(model, texts, *, dead: bool = False):
+# The rule before issue 10's length-aware change: top-2 mass 0.9, a verdict at any length.
+BEFORE = {"concentrated_mass": 0.9, "min_tokens_dispersed": 0, "min_tokens_concentrated": 0, "min_tokens_jump": 0}
+
+
+def evaluate(model, texts, *, dead: bool = False, thresholds=None):
     """(findings per head-text, share of head-texts flagged, share of verdicts too short, tokens)."""
     import attnjax
     from attnjax import analysis
@@ -133,7 +151,7 @@ def evaluate(model, texts, *, dead: bool = False):
         lengths.append(int(np.asarray(trace.mask).sum()))
         if dead:
             trace = with_dead_heads(trace)
-        frame = analysis.detect_anomalies(trace, flagged_only=False)
+        frame = analysis.detect_anomalies(trace, thresholds, flagged_only=False)
         num_layers, num_heads = trace.attention.shape[0], trace.num_heads
         if dead:
             count = flags_per_head(frame, num_layers, num_heads, kinds=("over-concentrated",))
@@ -173,13 +191,18 @@ def main() -> int:
     variants = [("healthy", model, False)]
     variants += [(f"q/k noise std {std}", broken_model(model, std), False) for std in (0.02, 0.3, 1.0)]
     variants += [("dead heads (6 per text)", model, True)]
-    print("\n| model | texts | tokens | flags per head-text | head-texts flagged | verdicts too short |")
+    print("\nbefore = top-2 mass 0.9 and a verdict at any length; after = the defaults.")
+    print("Healthy: flags per head-text (head-texts with a flag). Broken: head-texts with a flag"
+          " (detection rate). Too short: share of verdicts withheld.")
+    print("\n| model | texts | tokens | before | after | after: too short |")
     print("|---|---|---|---|---|---|")
     for name, which, dead in variants:
-        for label, texts in (("short", SHORT), ("long", LONG)):
-            findings, share, short, (low, high) = evaluate(which, texts, dead=dead)
-            rate = "-" if dead else f"{findings:.4f}"
-            print(f"| {name} | {label} ({len(texts)}) | {low}-{high} | {rate} | {share:.3f} | {short:.3f} |")
+        for label, texts in (("short", SHORT), ("medium", MEDIUM), ("long", LONG)):
+            cells = []
+            for thresholds in (BEFORE, None):
+                findings, share, short, (low, high) = evaluate(which, texts, dead=dead, thresholds=thresholds)
+                cells.append(f"{share:.3f}" if dead or name != "healthy" else f"{findings:.4f} ({share:.3f})")
+            print(f"| {name} | {label} ({len(texts)}) | {low}-{high} | {cells[0]} | {cells[1]} | {short:.3f} |")
             sys.stdout.flush()
 
     print("\nHealthy model, one paragraph cut to n tokens: max over heads of each score;"

@@ -141,6 +141,35 @@ def test_thresholds_are_parameters():
         analysis.classify_heads(scores, {"prev": 0.2})
 
 
+def previous_plus_uniform(seq, mass=0.55):
+    """``mass`` on the previous token (query 0: on itself), the rest spread evenly over the others."""
+    rows = np.full((seq, seq), (1 - mass) / (seq - 1))
+    target = np.maximum(np.arange(seq) - 1, 0)
+    rows[np.arange(seq), target] = mass
+    return rows
+
+
+def test_taxonomy_thresholds_count_mass_above_chance():
+    # 0.55 on the previous token is a previous-token head among 64 keys (chance 1/64: the cut
+    # is 0.507), but not among 4 keys, where uniform attention already gives 0.25 (cut 0.625).
+    long = analysis.head_scores(make_trace(previous_plus_uniform(64)[None, None, None], np.arange(64)[None]))
+    short = analysis.head_scores(make_trace(previous_plus_uniform(4)[None, None, None], np.arange(4)[None]))
+    assert short.loc[0, "chance_key"] == pytest.approx(0.25) and long.loc[0, "chance_key"] == pytest.approx(1 / 64)
+    assert short.loc[0, "chance_distance"] == pytest.approx((4 * 4 - 1) / (3 * 4))  # mean |i - k|, uniform
+    long, short = analysis.classify_heads(long), analysis.classify_heads(short)
+    assert long.loc[0, "category"] == "previous-token"
+    assert long.loc[0, "decision_threshold"] == pytest.approx(1 / 64 + 0.5 * 63 / 64)
+    assert short.loc[0, "category"] != "previous-token"
+    # the chance of a class of keys counts its visible members: 1 [CLS] of 4 keys
+    tokens = [["[CLS]", "a", "b", "[SEP]"]]
+    sink = np.zeros((4, 4))
+    sink[:, 0] = 0.65
+    sink[:, 1:] = 0.35 / 3
+    scores = analysis.classify_heads(analysis.head_scores(make_trace(sink[None, None, None], [[CLS, 5, 6, SEP]], tokens)))
+    assert scores.loc[0, "chance_cls"] == pytest.approx(0.25)
+    assert scores.loc[0, "category"] != "sink"  # 0.65 < 0.25 + 0.6 * 0.75 = 0.7
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_scores_match_reference_with_padding(rng, causal):
     batch, seq, heads, num_layers = 3, 12, 4, 2

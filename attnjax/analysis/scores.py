@@ -49,6 +49,20 @@ validate_attention), so a sum over a key set is the same whether or not the set 
 to the window. Without windows every condition reduces to the definitions of Clark et
 al. and Olsson et al.
 
+Chance baselines (the same for every head of a layer), the values a uniform row over
+the visible keys would give, each a mean over non-padding queries; classify_heads
+compares the mass scores with thresholds raised by them, so a short text is not
+classified by chance mass (Clark et al.'s thresholds were set at 128 tokens):
+
+==================  =========================================================
+visible_keys        the number of keys the query sees (window-aware)
+chance_key          1 / visible keys: the mass uniform attention puts on one key
+                    (previous, next, self, position 0)
+chance_cls / _sep   visible [CLS] / [SEP] / punctuation keys / visible keys
+chance_punctuation
+chance_distance     mean |i - k| over the visible keys (for mean_distance)
+==================  =========================================================
+
 cls / sep / punctuation are NaN when no key of that class occurs (e.g. GPT-2 has no
 [CLS]); induction / duplicate are NaN when no token repeats (within reach). With a
 stats-only Trace (Capture(stats=True), no T x T maps) entropy, normalized_entropy,
@@ -105,6 +119,11 @@ SCORE_COLUMNS: Tuple[str, ...] = (
 )
 # Columns the streaming statistics cannot give (NaN for stats-only Traces).
 NEEDS_MAPS: Tuple[str, ...] = ("next_token", "induction", "duplicate")
+
+# Chance baselines of each layer (module docstring), after `source`.
+CHANCE_COLUMNS: Tuple[str, ...] = (
+    "visible_keys", "chance_key", "chance_cls", "chance_sep", "chance_punctuation", "chance_distance",
+)
 
 # Which queries each score averages over (see the module docstring).
 _ELIGIBLE = {
@@ -163,6 +182,7 @@ def head_scores(
         tokens = token_strings(item)
         first_tokens |= {None} if tokens is None else set(tokens[:, 0].tolist())
         item_sums, item_counts = score_sums(item, classes, parameters)
+        item_sums.update(chance_sums(item, classes))
         if sums is None:
             sums, counts = item_sums, item_counts
         else:
@@ -181,6 +201,9 @@ def head_scores(
     for channel, name in enumerate(_CLASS_COLUMNS):
         if not present[channel]:
             means[name] = np.full_like(means[name], np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name in CHANCE_COLUMNS:  # (L,) per layer -> (L, H)
+            means[name] = np.broadcast_to((sums[name] / counts["query"])[:, None], sums["entropy"].shape)
     first_label = "position 0"
     if len(first_tokens) == 1 and None not in first_tokens:
         first_label += f" {next(iter(first_tokens))!r}"
@@ -202,7 +225,42 @@ def _frame(layers, n_queries, means, source) -> pd.DataFrame:
         columns[name] = means[name].reshape(-1).astype(np.float64)
     columns["concentrated_on"] = means["concentrated_on"].reshape(-1).astype(object)
     columns["source"] = source
+    for name in CHANCE_COLUMNS:
+        columns[name] = np.asarray(means[name], np.float64).reshape(-1)
     return pd.DataFrame(columns)
+
+
+def chance_sums(trace: Trace, classes: np.ndarray) -> Dict[str, np.ndarray]:
+    """Sums over non-padding queries (L,) of the chance baselines (module docstring): what a
+    uniform row over each query's visible keys gives. O(T) per sequence (running sums)."""
+    mask = np.asarray(trace.mask, bool)  # (B, T)
+    batch, seq = mask.shape
+    position = np.arange(seq, dtype=np.float64)
+    per_key = np.concatenate([mask[..., None], classes.astype(bool) & mask[..., None],
+                              (mask * position)[..., None]], axis=-1).astype(np.float64)  # (B, T, 5)
+    upto = np.cumsum(per_key, axis=1)  # (B, T, 5) over keys k <= i
+    total = upto[:, -1:, :]  # (B, 1, 5)
+    out = {name: [] for name in CHANCE_COLUMNS}
+    for window in trace_windows(trace):
+        if not trace.causal:
+            seen, before = np.broadcast_to(total, upto.shape), upto
+            near = position[None] * before[..., 0] - before[..., 4]  # sum over k <= i of (i - k)
+            far = (total[..., 4] - before[..., 4]) - position[None] * (total[..., 0] - before[..., 0])
+            distance = near + far  # (B, T)
+        else:
+            lag = seq if window is None else window
+            outside = np.pad(upto, ((0, 0), (lag, 0), (0, 0)))[:, :seq]  # (B, T, 5) over k <= i - W
+            seen = upto - outside
+            distance = position[None] * seen[..., 0] - seen[..., 4]
+        keys = seen[..., 0]  # (B, T)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inverse = np.where(mask & (keys > 0), 1.0 / np.maximum(keys, 1.0), 0.0)
+        for name, value in (("visible_keys", keys), ("chance_key", np.ones_like(keys)),
+                            ("chance_cls", seen[..., 1]), ("chance_sep", seen[..., 2]),
+                            ("chance_punctuation", seen[..., 3]), ("chance_distance", distance)):
+            share = value if name == "visible_keys" else value * inverse
+            out[name].append(float(np.where(mask, share, 0.0).sum()))
+    return {name: np.asarray(values, np.float64) for name, values in out.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "windows"))

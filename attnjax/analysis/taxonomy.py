@@ -18,6 +18,15 @@ duplicate        duplicate >= 0.4                       0.4 keeps heads that put
                                                         their content mass there)
 ===============  =====================================  ===================================
 
+Length: each mass threshold t is a share of the mass *above chance*. With c the mass
+uniform attention would put on the score's keys (head_scores's chance columns: 1 / visible
+keys for previous-token, next-token, self and position 0; visible [CLS] / [SEP] /
+punctuation keys / visible keys for those), a head passes when its score is at least
+c + t (1 - c). At Clark et al.'s 128 tokens c = 1/128 and the cut is 0.504 instead of
+0.5; on "She went home." (6 tokens) it is 0.58, so a short text's chance mass is not read
+as a pattern. induction / duplicate are not corrected (their keys exist only where tokens
+repeat). Without the chance columns (a frame from elsewhere) t is used as is.
+
 If several mass categories pass, the one with the largest score / threshold wins (ties
 in the table's order). Otherwise:
 
@@ -26,7 +35,9 @@ in the table's order). Otherwise:
   (and window-aware: on a sliding-window layer the keys are counted inside the window,
   so uniform attention over the W visible keys is exactly 1);
 - local:  mean_distance <= 2.5 tokens (attnjax): mass stays near the query without any
-  single offset reaching 0.5;
+  single offset reaching 0.5; and at most half of chance_distance (the mean |i - k| of
+  uniform attention: 42.7 at 128 tokens, so the rule is unchanged there; 1.9 at 6
+  tokens, where 2.5 would call uniform attention local);
 - mixed:  none of the above.
 
 NaN scores (a stats-only Trace, a model without [CLS], input without repeats) never
@@ -76,6 +87,12 @@ _MASS_RULES = (
     ("induction", "induction", ("induction",)),
     ("duplicate", "duplicate", ("duplicate",)),
 )
+# The chance mass (head_scores's chance columns) of each score column a rule reads.
+_CHANCE = {
+    "previous_token": "chance_key", "next_token": "chance_key", "self": "chance_key",
+    "first_token": "chance_key", "cls": "chance_cls", "sep": "chance_sep",
+    "punctuation": "chance_punctuation",
+}
 
 ThresholdsLike = Union[HeadThresholds, Mapping[str, float], None]
 
@@ -88,7 +105,8 @@ def classify_heads(scores: pd.DataFrame, thresholds: ThresholdsLike = None) -> p
     Columns added:
       category (str, one of CATEGORIES), decided_by (str: the score column that decided it,
       "" for mixed), decision_score (float: that score's value, NaN for mixed),
-      decision_threshold (float: the threshold it was compared with, NaN for mixed).
+      decision_threshold (float: the threshold it was compared with, after the chance
+      correction of the module docstring; NaN for mixed).
     """
     limits = resolve_thresholds(HeadThresholds, thresholds, "head")
     missing = sorted({"normalized_entropy", "mean_distance"} - set(scores.columns))
@@ -116,33 +134,50 @@ def _classify_rows(scores: pd.DataFrame, limits: HeadThresholds):
     decided = np.zeros(rows, bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         for name, field, columns in _MASS_RULES:
-            threshold = getattr(limits, field)
-            # The largest finite score among the rule's columns (ties: the later name in
-            # sorted order, as max over (value, name) pairs picks).
+            base = getattr(limits, field)
+            # The column with the largest finite score / threshold among the rule's columns
+            # (ties: the later name in sorted order).
             rule_value = np.full(rows, np.nan)
+            rule_cut = np.full(rows, np.nan)
             rule_column = np.full(rows, "", dtype=object)
             for candidate in sorted(c for c in columns if c in scores.columns):
                 values = scores[candidate].to_numpy(np.float64)
-                take = np.isfinite(values) & ~(rule_value > values)  # NaN so far, or >=
+                threshold = _chance_corrected(scores, candidate, base, rows)  # (rows,)
+                take = np.isfinite(values) & ~(rule_value / rule_cut > values / threshold)  # NaN so far, or >=
                 rule_value = np.where(take, values, rule_value)
+                rule_cut = np.where(take, threshold, rule_cut)
                 rule_column[take] = candidate
-            ratio = rule_value / threshold
-            update = (rule_value >= threshold) & (~decided | (ratio > best_ratio))
+            ratio = rule_value / rule_cut
+            update = (rule_value >= rule_cut) & (~decided | (ratio > best_ratio))
             category[update] = name
             column[update] = rule_column[update]
             value[update] = rule_value[update]
-            cut[update] = threshold
+            cut[update] = rule_cut[update]
             best_ratio[update] = ratio[update]
             decided |= update
         entropy = scores["normalized_entropy"].to_numpy(np.float64)
         broad = ~decided & np.isfinite(entropy) & (entropy >= limits.broad)
         distance = scores["mean_distance"].to_numpy(np.float64)
-        local = ~decided & ~broad & np.isfinite(distance) & (distance <= limits.local)
+        local_cut = np.full(rows, float(limits.local))
+        if "chance_distance" in scores.columns:
+            half = 0.5 * scores["chance_distance"].to_numpy(np.float64)
+            local_cut = np.where(np.isfinite(half), np.minimum(local_cut, half), local_cut)
+        local = ~decided & ~broad & np.isfinite(distance) & (distance <= local_cut)
     for mask, name, source, values, threshold in (
-            (broad, "broad", "normalized_entropy", entropy, limits.broad),
-            (local, "local", "mean_distance", distance, limits.local)):
+            (broad, "broad", "normalized_entropy", entropy, np.full(rows, float(limits.broad))),
+            (local, "local", "mean_distance", distance, local_cut)):
         category[mask] = name
         column[mask] = source
         value[mask] = values[mask]
-        cut[mask] = threshold
+        cut[mask] = threshold[mask]
     return category, column, value, cut
+
+
+def _chance_corrected(scores: pd.DataFrame, column: str, threshold: float, rows: int) -> np.ndarray:
+    """(rows,) c + t (1 - c): the threshold t as a share of the mass above chance c (module
+    docstring); t itself where the frame has no chance column for ``column``."""
+    chance_column = _CHANCE.get(column)
+    if chance_column is None or chance_column not in scores.columns:
+        return np.full(rows, float(threshold))
+    chance = np.nan_to_num(scores[chance_column].to_numpy(np.float64), nan=0.0)
+    return chance + threshold * (1.0 - chance)
