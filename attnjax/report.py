@@ -163,6 +163,9 @@ class Results:
     anomalies: pd.DataFrame                    # flagged rows of detect_anomalies
     changes: Optional[pd.DataFrame] = None     # compare, when asked for
     compare_labels: Tuple[str, str] = ("A", "B")
+    other: Optional[Trace] = None              # the comparison's Trace B
+    other_heads: Optional[pd.DataFrame] = None  # classify_heads(head_scores(other))
+    too_short: Dict[str, str] = dataclasses.field(default_factory=dict)  # anomaly kinds without a verdict
     next_token: Optional[Tuple[pd.DataFrame, pd.DataFrame]] = None
 
 
@@ -260,14 +263,17 @@ def _analyse(model, model_b, text, compare_text, max_length, token, n_tokens, st
             rollout = rolled[rolled["query"] == position]
     with stages.stage("anomalies"):
         anomalies = analysis.detect_anomalies(trace, similarity=similarity)
+        too_short = dict(anomalies.attrs.get("too_short", {}))
         if "flagged" in anomalies.columns:
             anomalies = anomalies[anomalies["flagged"].astype(bool)]
     results = Results(model=model, model_b=model_b, text=text, compare_text=compare_text, max_length=max_length,
                       trace=trace, mode=mode, positions=positions, tokens=tokens, position=position, heads=heads,
-                      similarity=similarity, focus=focus, flow=flow, rollout=rollout, anomalies=anomalies)
+                      similarity=similarity, focus=focus, flow=flow, rollout=rollout, anomalies=anomalies,
+                      too_short=too_short)
     if compare_text is not None or model_b is not None:
         with stages.stage("comparison"):
-            results.changes, results.compare_labels = _comparison(results, capture)
+            results.changes, results.compare_labels, results.other = _comparison(results, capture)
+            results.other_heads = analysis.classify_heads(analysis.head_scores(results.other))
     with stages.stage("next token"):
         if decoder:
             logits = np.asarray(output.logits[0], np.float32)                     # (V,) at the last token
@@ -275,7 +281,7 @@ def _analyse(model, model_b, text, compare_text, max_length, token, n_tokens, st
     return results
 
 
-def _comparison(results: Results, capture: Capture) -> Tuple[pd.DataFrame, Tuple[str, str]]:
+def _comparison(results: Results, capture: Capture) -> Tuple[pd.DataFrame, Tuple[str, str], Trace]:
     model, model_b = results.model, results.model_b
     other_model = model_b if model_b is not None else model
     other_text = results.compare_text if results.compare_text is not None else results.text
@@ -291,7 +297,7 @@ def _comparison(results: Results, capture: Capture) -> Tuple[pd.DataFrame, Tuple
         labels = (model.name or "model A", model_b.name or "model B")
     else:
         labels = ("text", "comparison text")
-    return changes, labels
+    return changes, labels, other
 
 
 def _maps_text(mode: str) -> str:
@@ -371,8 +377,9 @@ def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
                       "maximum. Click one, or use the sliders, to open it large; hover for tokens and weights."),
         Block("chart", model_overview(frame, scores=r.heads, scheme=scheme, scale=scale)),
         Block("h2", "Head taxonomy", anchor="taxonomy"),
-        Block("note", "Each head gets one category from its scores (Clark et al. 2019 thresholds; induction and "
-                      "duplicate from Olsson et al. 2022). Hover for every score."),
+        Block("note", "Each head gets one category from its scores (Clark et al. 2019 thresholds, counted as a "
+                      "share of the mass above what uniform attention over this text's tokens would give; "
+                      "induction and duplicate from Olsson et al. 2022). Hover for every score."),
         Block("chart", taxonomy_chart(r.heads)),
         Block("h2", "Layer similarity and focus", anchor="layers"),
         Block("chart", layer_similarity_chart(r.similarity, scheme=scheme)),
@@ -398,14 +405,9 @@ def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
         blocks.append(Block("table", table))
     else:
         blocks.append(Block("note", "No head or layer crossed an anomaly threshold."))
+    blocks += _too_short_notes(r)
     if r.changes is not None:
-        a, b = r.compare_labels
-        blocks += [
-            Block("h2", "Comparison", anchor="comparison"),
-            Block("note", f"A = {a}, B = {b}. Colour: Jensen-Shannon divergence between the two attention maps "
-                          "of each head (positions aligned by index); text: heads whose category changed."),
-            Block("chart", comparison_chart(r.changes, labels=r.compare_labels)),
-        ]
+        blocks += _comparison_blocks(r, scheme, scale)
     if r.next_token is not None:
         blocks += [
             Block("h2", "Next token", anchor="next-token"),
@@ -413,4 +415,45 @@ def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
                           "softmax in the page, with the normaliser over the whole vocabulary."),
             Block("chart", next_token_explorer(*r.next_token, context=" ".join(r.text.split())[-60:])),
         ]
+    return blocks
+
+
+def _too_short_notes(r: Results) -> List[Block]:
+    """Say which anomaly kinds gave no verdict because the text is too short, and why."""
+    if not r.too_short:
+        return []
+    kinds = ", ".join(sorted(r.too_short))
+    reason = next(iter(r.too_short.values()))
+    return [Block("note", f"Not judged on this text: {kinds}. The text is too short for a verdict ({reason}; "
+                          "the minimum for each kind is in attnjax.analysis.anomalies). A short text is not "
+                          "evidence of a healthy or a broken head: give a longer one to judge them.")]
+
+
+def _comparison_blocks(r: Results, scheme: str, scale: str) -> List[Block]:
+    """The comparison: what is compared (by position or by scores only), the per-head
+    change, then text B's tokens and maps (text A's are the overview above)."""
+    a, b = r.compare_labels
+    aligned = r.changes.attrs.get("alignment") == "positions"
+    colour = ("Jensen-Shannon divergence between the two attention maps of each head"
+              if aligned else "the change in each head's mean entropy (B - A)")
+    blocks = [
+        Block("h2", "Comparison", anchor="comparison"),
+        Block("note", f"A = {a}, B = {b}. {r.changes.attrs.get('alignment_note', '')} Colour: {colour}; "
+                      "text: heads whose category changed."),
+        Block("chart", comparison_chart(r.changes, labels=r.compare_labels)),
+    ]
+    positions, tokens = sequence_tokens(r.other, 0)
+    blocks += [
+        Block("note", f"B's tokens (position:token), {len(tokens)} of them; A's maps are the model overview above:"),
+        Block("tokens", "  ".join(f"{int(p)}:{t.replace(' ', VISIBLE_SPACE)}" for p, t in zip(positions, tokens))),
+    ]
+    config = (r.model_b or r.model).config
+    fits = r.mode == "full" and len(tokens) <= full_map_tokens(config.num_layers, config.num_heads)
+    if r.other.attention is not None and fits:
+        blocks += [Block("note", f"B's maps ({b}), drawn like the overview above."),
+                   Block("chart", model_overview(attention_frame(r.other), scores=r.other_heads,
+                                                 scheme=scheme, scale=scale))]
+    else:
+        blocks.append(Block("note", f"B's maps are left out: with {len(tokens)} tokens (and A's "
+                                    f"{len(r.tokens)}) the maps are over the overview's full-map budget."))
     return blocks

@@ -122,9 +122,16 @@ def test_compare_two_inputs_of_different_lengths(model):
     short = attnjax.run(model, "The cat sat.", capture=capture)
     longer = attnjax.run(model, "The cat sat on the warm mat.", capture=capture)
     changes = analysis.compare(short, longer)
-    assert len(changes) == 72 and changes["jsd"].between(0.0, np.log(2)).all()
-    assert (changes["jsd"] > 0).any()  # aligned positions attend differently once the text goes on
+    # different lengths: no position pairing, so no map divergence; the scores still compare
+    assert len(changes) == 72 and changes["jsd"].isna().all()
+    assert changes.attrs["alignment"] == "scores only" and "different lengths" in changes.attrs["alignment_note"]
     np.testing.assert_allclose(changes["entropy_diff"], changes["entropy_b"] - changes["entropy_a"])
+    # same length, one word substituted: positions pair up, and the page can say where
+    she = attnjax.run(model, "She went home.", capture=capture)
+    he = attnjax.run(model, "He went home.", capture=capture)
+    changes = analysis.compare(she, he)
+    assert changes.attrs["alignment"] == "positions" and changes.attrs["differing_positions"] == [1]
+    assert changes["jsd"].between(0.0, np.log(2)).all() and (changes["jsd"] > 0).any()
 
 
 def test_healthy_minilm_on_short_sentences_is_not_flagged(model):

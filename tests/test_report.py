@@ -55,7 +55,8 @@ def test_report_has_every_section(built):
         assert f'<h2 id="{anchor}">' in page
     assert 'id="next-token"' not in page  # BERT has no next-token head
     assert report.summary["tokens"] == 128 and report.summary["maps"] == "full"
-    assert len(chart_specs(page)) == 7  # overview, taxonomy, similarity, focus, flow, anomalies, comparison
+    # overview, taxonomy, similarity, focus, flow, anomalies, comparison, and text B's overview
+    assert len(chart_specs(page)) == 8
     for stage in ("run model", "head scores", "token flow", "anomalies", "comparison", "charts"):
         assert report.timings[stage] >= 0
 
@@ -135,6 +136,26 @@ def test_comparison_with_a_second_model(gpt2, tmp_path):
     page = attnjax.viz.to_html(report)
     assert '<h2 id="comparison">' in page and f"B = {other.name}" in page
     assert "comparison" in report.timings
+    assert "Same tokens in both: the maps are compared position by position" in page
+
+
+def test_comparison_says_what_is_compared_and_shows_both_texts(built):
+    # text A is 128 tokens, text B (the example) fewer: no position pairing, scores only
+    _, _, page = built
+    section = page[page.index('<h2 id="comparison">'):]
+    assert "different lengths" in section and "only per-head summary scores" in section
+    assert "change in each head&#x27;s mean entropy" in section or "change in each head's mean entropy" in section
+    assert "B&#x27;s tokens" in section or "B's tokens" in section
+    assert len(chart_specs(section)) == 2  # the per-head change and B's own maps
+
+
+def test_a_short_text_says_which_anomalies_it_cannot_judge(minilm):
+    report = build_report(minilm, "She went home.", progress=False)
+    page = attnjax.viz.to_html(report)
+    section = page[page.index('<h2 id="anomalies">'):]
+    assert report.summary["anomalies"] == 0  # issue 10: 16 heads were flagged "dead or sink"
+    assert "Not judged on this text: jumping, over-concentrated" in section
+    assert "too short" in section and "needs at least 12" in section
 
 
 def test_report_rejects_bad_input(minilm):

@@ -3,6 +3,17 @@
 Two uses: two inputs through one model (what a perturbation of the text changes), or
 one input through two checkpoints of the same architecture (what fine-tuning,
 quantisation or another training step changed).
+
+Alignment. The per-head scores (entropy, previous-token mass, ...) are each Trace's own
+means over its own queries, so they compare whatever the two inputs are. The maps are
+compared position by position (JS divergence row by row) only when that pairs up the
+same places in the two inputs: every sequence has the same number of real tokens in
+both (the same tokens, or the same length with some tokens substituted, as in "She
+went home." -> "He went home.", where position i of one text stands for position i of
+the other). With different lengths no position pairing is clear: the tokens after an
+insertion shift, and in a bidirectional model even a shared prefix attends to different
+later keys, so a prefix's maps are not comparable either. Then ``jsd`` is NaN and only
+the scores are compared. ``frame.attrs["alignment"]`` says which, in words.
 """
 
 from __future__ import annotations
@@ -44,8 +55,12 @@ def compare(trace_a: Trace, trace_b: Trace, thresholds=None) -> pd.DataFrame:
     s_diff (float, s_b - s_a); jsd (float: JS divergence in nats between the two
     attention maps, row by row over queries that are non-padding in both, averaged;
     positions are aligned by index, so it needs the same number of sequences, and
-    NaN when either Trace holds only stats); category_a, category_b (str) and
-    category_changed (bool).
+    NaN when either Trace holds only stats, or when the sequences' lengths differ: see
+    the module docstring); category_a, category_b (str) and category_changed (bool).
+
+    ``frame.attrs``: "alignment" ("positions" or "scores only"), "alignment_note" (the
+    same in words, for a page), "differing_positions" (positions whose tokens differ
+    when aligned by position and both Traces carry tokens; [] when the tokens match).
     """
     as_single_trace(trace_a, "compare")
     as_single_trace(trace_b, "compare")
@@ -61,11 +76,46 @@ def compare(trace_a: Trace, trace_b: Trace, thresholds=None) -> pd.DataFrame:
         frame[f"{name}_a"] = scores_a[name].to_numpy()
         frame[f"{name}_b"] = scores_b[name].to_numpy()
         frame[f"{name}_diff"] = scores_b[name].to_numpy() - scores_a[name].to_numpy()
-    frame["jsd"] = _divergence(trace_a, trace_b).reshape(-1)
+    aligned = _same_lengths(trace_a, trace_b)
+    if aligned:
+        frame["jsd"] = _divergence(trace_a, trace_b).reshape(-1)
+    else:
+        frame["jsd"] = np.nan
     frame["category_a"] = scores_a["category"].to_numpy()
     frame["category_b"] = scores_b["category"].to_numpy()
     frame["category_changed"] = frame["category_a"] != frame["category_b"]
+    frame.attrs.update(_alignment(trace_a, trace_b, aligned))
     return frame
+
+
+def _lengths(trace: Trace) -> np.ndarray:
+    return np.asarray(trace.mask, bool).sum(-1)
+
+
+def _same_lengths(trace_a: Trace, trace_b: Trace) -> bool:
+    return trace_a.batch_size == trace_b.batch_size and bool(np.all(_lengths(trace_a) == _lengths(trace_b)))
+
+
+def _alignment(trace_a: Trace, trace_b: Trace, aligned: bool) -> dict:
+    """frame.attrs of compare: how the two Traces were paired, in words."""
+    if not aligned:
+        lengths = f"{_lengths(trace_a).tolist()} and {_lengths(trace_b).tolist()} tokens"
+        return {"alignment": "scores only", "differing_positions": [],
+                "alignment_note": f"The inputs have different lengths ({lengths}), so no position of one "
+                                  "stands for a position of the other: only per-head summary scores (each "
+                                  "input's own mean over its queries) are compared, not the maps (jsd is NaN)."}
+    differing = []
+    if trace_a.tokens is not None and trace_b.tokens is not None:
+        mask = np.asarray(trace_a.mask, bool)
+        for b in range(trace_a.batch_size):
+            differing += [int(i) for i in np.flatnonzero(mask[b])
+                          if trace_a.tokens[b][i] != trace_b.tokens[b][i] and int(i) not in differing]
+    if not differing:
+        note = "Same tokens in both: the maps are compared position by position (jsd)."
+    else:
+        note = (f"Same length, tokens differ at position(s) {', '.join(map(str, differing))}: the maps are "
+                "compared position by position (jsd), each position standing for the same place in both.")
+    return {"alignment": "positions", "differing_positions": differing, "alignment_note": note}
 
 
 def _divergence(trace_a: Trace, trace_b: Trace) -> np.ndarray:
