@@ -4,6 +4,7 @@
     attnjax report --text "The cat sat on the mat." --out cat.html
     attnjax report --model gpt2 --file story.txt --max-length 256
     attnjax report --text "She went home." --compare "He went home."
+    attnjax report --text "Where is it?" --pair "Two streets north."   # a BERT sentence pair
     attnjax profile corpus.txt --csv heads.csv       # streaming statistics over a file
 
 Bad input (missing file, empty text, unknown model, unwritable output, over-long
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--file", type=Path, help="read the text from this file (UTF-8)")
     report.add_argument("--out", type=Path, default=Path("report.html"), help="where to write (default report.html)")
     report.add_argument("--max-length", type=int, help="truncate the text to this many tokens")
+    report.add_argument("--pair", metavar="TEXT2",
+                        help="BERT sentence pair: run [CLS] TEXT [SEP] TEXT2 [SEP] with segment ids 0 / 1")
     report.add_argument("--compare", metavar="TEXT2", help="also compare with this second text")
     report.add_argument("--model-b", help="also compare with this second model (same architecture)")
     report.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -211,6 +214,11 @@ def run_report(args) -> int:
     check_max_length(args.max_length)
     if args.compare is not None and not args.compare.strip():
         raise InputError("--compare is empty; give the second text.")
+    if args.pair is not None and not args.pair.strip():
+        raise InputError("--pair is empty; give the second sentence of the pair.")
+    if args.pair is not None and args.compare is not None:
+        raise InputError("--pair and --compare cannot be combined: --compare takes one text; compare the pair "
+                         "with another checkpoint through --model-b, or drop --pair.")
     token = None if args.token is None else (int(args.token) if args.token.strip().lstrip("-").isdigit()
                                               else args.token)
 
@@ -230,11 +238,18 @@ def run_report(args) -> int:
         model_b = load_model(args.model_b, "--model-b", dtype=args.dtype)
         timings["load model B"] = time.perf_counter() - stamp
         check_comparable(model, model_b, args)
+    if args.pair is not None:
+        from attnjax.models.common import is_decoder
+
+        if is_decoder(model.family):
+            raise InputError(f"--pair makes a BERT sentence pair ([CLS] A [SEP] B [SEP], segment ids 0 / 1); "
+                             f"--model {args.model} is a {model.family} decoder, which reads one text: put both "
+                             "sentences in --text instead.")
     if args.max_length is None:
         for label, which, words in (("text", model, text), ("--compare text", model_b or model, args.compare)):
             if words is None:
                 continue
-            count = count_tokens(which, words)
+            count = count_tokens(which, words, args.pair if label == "text" else None)
             if count > which.config.max_positions:
                 raise InputError(f"the {label} is {count} tokens, more than {which.name}'s "
                                  f"{which.config.max_positions} positions; pass --max-length "
@@ -243,7 +258,8 @@ def run_report(args) -> int:
         raise InputError(f"--max-length {args.max_length} is more than {model.name}'s "
                          f"{model.config.max_positions} positions.")
     try:
-        report = build_report(model, text, compare_text=args.compare, model_b=model_b, max_length=args.max_length,
+        report = build_report(model, text, pair=args.pair, compare_text=args.compare, model_b=model_b,
+                              max_length=args.max_length,
                               token=token, scheme=args.scheme, scale=args.scale, progress=args.progress)
     except ReportInputError as error:
         raise InputError(str(error)) from None

@@ -103,9 +103,10 @@ def full_map_tokens(num_layers: int, num_heads: int) -> int:
     return int(math.isqrt(OVERVIEW_MAX_WEIGHTS // max(num_layers * num_heads, 1)))
 
 
-def count_tokens(model, text: str) -> int:
-    """Tokens the model's tokenizer makes of ``text`` (special tokens included)."""
-    return len(model.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+def count_tokens(model, text: str, pair: Optional[str] = None) -> int:
+    """Tokens the model's tokenizer makes of ``text`` (and the pair's second sentence
+    ``pair``), special tokens included."""
+    return len(model.tokenizer(text, pair, truncation=False, verbose=False)["input_ids"])
 
 
 def choose_token(tokens: Sequence[str], positions: np.ndarray, token: Union[int, str, None],
@@ -148,6 +149,7 @@ class Results:
     model: Any
     model_b: Any
     text: str
+    pair: Optional[str]                        # a BERT pair's second sentence, or None
     compare_text: Optional[str]
     max_length: Optional[int]
     trace: Trace
@@ -166,6 +168,7 @@ class Results:
     other: Optional[Trace] = None              # the comparison's Trace B
     other_heads: Optional[pd.DataFrame] = None  # classify_heads(head_scores(other))
     too_short: Dict[str, str] = dataclasses.field(default_factory=dict)  # anomaly kinds without a verdict
+    segments: Optional[np.ndarray] = None      # (n,) segment id of each token of a pair
     next_token: Optional[Tuple[pd.DataFrame, pd.DataFrame]] = None
 
 
@@ -173,6 +176,7 @@ def build_report(
     model: Any,
     text: str,
     *,
+    pair: Optional[str] = None,
     compare_text: Optional[str] = None,
     model_b: Any = None,
     max_length: Optional[int] = None,
@@ -185,7 +189,8 @@ def build_report(
     """Run ``model`` on ``text`` and build the report (see the module docstring).
 
     model, model_b: an attnjax Model or anything attnjax.load takes ("minilm", a
-    directory, a hub id). compare_text / model_b: add the comparison section
+    directory, a hub id). pair: a BERT sentence pair's second sentence: the model reads
+    [CLS] text [SEP] pair [SEP] with segment ids 0 / 1 (a decoder refuses it). compare_text / model_b: add the comparison section
     (compare_text through model_b, or through model; text through model_b).
     max_length: truncate to this many tokens (over-long text is an error without it).
     token: position (int) or token text for the token-flow chart. progress: show a
@@ -196,6 +201,10 @@ def build_report(
         raise ReportInputError("The text is empty; give some words with --text or --file.")
     if compare_text is not None and not compare_text.strip():
         raise ReportInputError("The comparison text is empty; give some words with --compare.")
+    if pair is not None and (not isinstance(pair, str) or not pair.strip()):
+        raise ReportInputError("The pair's second sentence is empty; give some words with --pair.")
+    if pair is not None and compare_text is not None:
+        raise ReportInputError("A sentence pair cannot be compared with a single --compare text; use model_b.")
     comparing = compare_text is not None or model_b is not None
     load_timings = {}
     for label, which in (("load model", model), ("load model B", model_b)):
@@ -205,7 +214,10 @@ def build_report(
             load_timings[label] = time.perf_counter() - start
             model, model_b = (loaded, model_b) if label == "load model" else (model, loaded)
 
-    n_tokens = count_tokens(model, text)
+    if pair is not None and is_decoder(model.family):
+        raise ReportInputError(f"A sentence pair (--pair) is a BERT input; {model.family} reads one text: put "
+                               "both sentences in the text.")
+    n_tokens = count_tokens(model, text, pair)
     limit = model.config.max_positions
     if max_length is None and n_tokens > limit:
         raise ReportInputError(f"The text is {n_tokens} tokens, more than the model's {limit} positions; "
@@ -215,7 +227,7 @@ def build_report(
     stages = Stages(7 + comparing, progress=show_progress, on_stage=on_stage)
     stages.timings.update(load_timings)
     try:
-        results = _analyse(model, model_b, text, compare_text, max_length, token, n_used, stages)
+        results = _analyse(model, model_b, text, pair, compare_text, max_length, token, n_used, stages)
         with stages.stage("charts"):
             blocks = _blocks(results, scheme, scale)
     finally:
@@ -239,14 +251,18 @@ def _capture(model, n_tokens: int) -> Tuple[Capture, str]:
     return Capture(stats=True, pool=POOL_BINS), "statistics only"
 
 
-def _analyse(model, model_b, text, compare_text, max_length, token, n_tokens, stages: Stages) -> Results:
+def _analyse(model, model_b, text, pair, compare_text, max_length, token, n_tokens, stages: Stages) -> Results:
     capture, mode = _capture(model, n_tokens)
     decoder = is_decoder(model.family)
     with stages.stage("run model"):
         # A decoder's next-token chart needs the last position's logits only: never (T, V).
-        output, trace = attnjax.run(model, text, capture=capture, max_length=max_length, return_output=True,
-                                    logits="last" if decoder else "none")
+        output, trace = attnjax.run(model, text if pair is None else [(text, pair)], capture=capture,
+                                    max_length=max_length, return_output=True, logits="last" if decoder else "none")
         jax.block_until_ready(trace.mask)
+    segments = None
+    if pair is not None:  # segment ids: the same tokenisation as the run, without the padding
+        batch = attnjax.tokenize(model, [(text, pair)], max_length=max_length)
+        segments = batch.token_type_ids[0][batch.attention_mask[0]]
     positions, tokens = sequence_tokens(trace, 0)
     special = SPECIAL_TOKENS | set(getattr(model.tokenizer, "all_special_tokens", ()) or ())
     position = choose_token(tokens, positions, token, special)
@@ -266,7 +282,8 @@ def _analyse(model, model_b, text, compare_text, max_length, token, n_tokens, st
         too_short = dict(anomalies.attrs.get("too_short", {}))
         if "flagged" in anomalies.columns:
             anomalies = anomalies[anomalies["flagged"].astype(bool)]
-    results = Results(model=model, model_b=model_b, text=text, compare_text=compare_text, max_length=max_length,
+    results = Results(model=model, model_b=model_b, text=text, pair=pair, compare_text=compare_text,
+                      max_length=max_length, segments=segments,
                       trace=trace, mode=mode, positions=positions, tokens=tokens, position=position, heads=heads,
                       similarity=similarity, focus=focus, flow=flow, rollout=rollout, anomalies=anomalies,
                       too_short=too_short)
@@ -285,11 +302,13 @@ def _comparison(results: Results, capture: Capture) -> Tuple[pd.DataFrame, Tuple
     model, model_b = results.model, results.model_b
     other_model = model_b if model_b is not None else model
     other_text = results.compare_text if results.compare_text is not None else results.text
-    n_other = count_tokens(other_model, other_text)
+    other_pair = results.pair if results.compare_text is None else None
+    n_other = count_tokens(other_model, other_text, other_pair)
     if results.max_length is None and n_other > other_model.config.max_positions:
         raise ReportInputError(f"The comparison text is {n_other} tokens, more than the model's "
                                f"{other_model.config.max_positions} positions; pass --max-length to truncate it.")
-    other = attnjax.run(other_model, other_text, capture=capture, max_length=results.max_length)
+    inputs = other_text if other_pair is None else [(other_text, other_pair)]
+    other = attnjax.run(other_model, inputs, capture=capture, max_length=results.max_length)
     changes = analysis.compare(results.trace, other)
     if model_b is not None and results.compare_text is not None:
         labels = (f"{model.name} on the text", f"{model_b.name} on the comparison text")
@@ -324,6 +343,8 @@ def _run_table(r: Results, scheme: str, scale: str) -> List[Tuple[str, Any]]:
         ("tokens", f"{len(r.tokens)}" + (f" (truncated to --max-length {r.max_length})" if r.max_length else "")),
         ("text", truncate(" ".join(r.text.split()), 160)),
     ]
+    if r.pair is not None:
+        rows += _pair_rows(r)
     if r.compare_text is not None:
         rows.append(("comparison text", truncate(" ".join(r.compare_text.split()), 160)))
     rows += [
@@ -333,6 +354,20 @@ def _run_table(r: Results, scheme: str, scale: str) -> List[Tuple[str, Any]]:
         ("made", datetime.datetime.now().strftime("%Y-%m-%d %H:%M")),
     ]
     return rows
+
+
+def _pair_rows(r: Results) -> List[Tuple[str, Any]]:
+    """A sentence pair: its second sentence, each segment's positions and the [SEP] positions."""
+    segments = np.asarray(r.segments)
+    spans = []
+    for segment, name in ((0, "A (segment 0)"), (1, "B (segment 1)")):
+        where = np.asarray(r.positions)[segments == segment]
+        if where.size:
+            spans.append(f"{name}: positions {int(where[0])}-{int(where[-1])}")
+    separators = [int(p) for p, t in zip(r.positions, r.tokens) if t == "[SEP]"]
+    shown = f"; [SEP] at {', '.join(map(str, separators))}" if separators else ""
+    return [("pair: second sentence", truncate(" ".join(r.pair.split()), 160)),
+            ("segments", ", ".join(spans) + shown)]
 
 
 def _decoder_rows(config) -> List[Tuple[str, Any]]:

@@ -202,3 +202,57 @@ def test_model_b_of_another_shape_is_refused_before_running(capsys, tmp_path):
     assert_one_line_error(err, "--model-b", "2 layers x 4 heads", "6 x 12", "same architecture")
     report = tmp_path / "r.html"
     assert not report.exists() or report.stat().st_size == 0  # nothing was run or written
+
+
+# ------------------------------------------------------------- sentence pairs (--pair)
+
+
+def test_pair_report_shows_the_segments(capsys, tmp_path):
+    out = tmp_path / "pair.html"
+    status, stdout, err = run_main(capsys, "report", "--text", "Where is it?", "--pair", "Two streets north.",
+                                   "--out", str(out))
+    assert status == 0, err
+    assert "on 11 tokens" in stdout  # [CLS] where is it ? [SEP] two streets north . [SEP]
+    page = out.read_text()
+    assert "Two streets north." in page
+    # BERT gives the first [SEP] segment 0 and the closing one segment 1
+    assert "A (segment 0): positions 0-5, B (segment 1): positions 6-10; [SEP] at 5, 10" in page
+
+
+def test_pair_on_a_decoder_or_with_compare_is_refused(capsys, tmp_path):
+    from tests.tiny_models import tiny_gpt2
+
+    tiny_gpt2(tmp_path / "gpt2")
+    capsys.readouterr()
+    status, _, err = run_main(capsys, "report", "--model", str(tmp_path / "gpt2"), "--text", "hello",
+                              "--pair", "world", "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "--pair", "BERT sentence pair", "gpt2 decoder", "put both sentences in --text")
+    status, _, err = run_main(capsys, "report", "--text", "a", "--pair", "b", "--compare", "c",
+                              "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "--pair and --compare cannot be combined")
+    status, _, err = run_main(capsys, "report", "--text", "a", "--pair", "  ", "--out", str(tmp_path / "r.html"))
+    assert status == 2
+    assert_one_line_error(err, "--pair is empty")
+
+
+def test_pair_segment_ids_match_hugging_face():
+    # attnjax.run(model, [(a, b)]) tokenises with the tokenizers library's pair encoding;
+    # transformers' own tokenizer is the reference (tests may import it).
+    transformers = pytest.importorskip("transformers")
+    import attnjax
+    from attnjax.models.checkpoints import bundled_path
+
+    model = attnjax.load("minilm")
+    pairs = [("Where is it?", "Two streets north."), ("She went home.", "He stayed at the office until late.")]
+    batch = attnjax.tokenize(model, pairs)
+    reference = transformers.AutoTokenizer.from_pretrained(str(bundled_path()))
+    for row, (a, b) in enumerate(pairs):
+        expected = reference(a, b)
+        n = len(expected["input_ids"])
+        assert batch.attention_mask[row].sum() == n
+        np.testing.assert_array_equal(batch.input_ids[row, :n], expected["input_ids"])
+        np.testing.assert_array_equal(batch.token_type_ids[row, :n], expected["token_type_ids"])
+    trace = attnjax.run(model, pairs)
+    assert trace.tokens[0][:11] == ("[CLS]", "where", "is", "it", "?", "[SEP]", "two", "streets", "north", ".", "[SEP]")
