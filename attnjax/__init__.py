@@ -14,6 +14,8 @@ from attnjax.api import load, run
 from attnjax.cache import enable_compilation_cache, tune_host_allocator
 from attnjax.kernels.stats import AttentionStats
 from attnjax.models import CheckpointError, Model, UnsupportedConfigError, is_decoder
+from attnjax.parallel import data_mesh
+from attnjax.profiling import profile, skipped_texts
 from attnjax.tokenize import Batch, tokenize
 from attnjax.trace import Capture, Trace
 
@@ -22,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats", "Batch", "Capture", "CheckpointError", "Model", "Trace",
     "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
-    "is_decoder", "tune_host_allocator",
+    "is_decoder", "tune_host_allocator", "data_mesh", "profile", "skipped_texts",
 ]
