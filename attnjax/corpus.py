@@ -17,7 +17,7 @@ previous batch. Once every batch up to one is counted, exactly the texts with in
 < ``read`` that are not ``pending`` are accounted for: a checkpoint saves that, and a
 resumed run skips them.
 
-Readers for the command line: ``read_corpus`` (txt paragraphs, jsonl, csv, parquet).
+Readers of corpus files for the command line: attnjax.readers.
 """
 
 from __future__ import annotations
@@ -157,6 +157,8 @@ class Batcher:
                     continue
             if not isinstance(text, str):
                 self._skipped.append((index, NOT_STRING))
+            elif not _encodable(text):
+                self._skipped.append((index, NOT_UTF8))
             elif not text.strip():
                 self._skipped.append((index, EMPTY))
             else:
@@ -221,6 +223,14 @@ class _Stopped(Exception):
 
 _MISMATCH = ("the checkpoint was written for a different corpus (its first texts differ from these); "
              "give the same texts in the same order, or delete the checkpoint to start over.")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes read with surrogateescape
+        return False
+    return True
 
 
 def _fingerprint_bytes(text) -> bytes:

@@ -106,8 +106,10 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
     windows = layer_windows(tuple(windows[i] for i in layers) if windows else (), len(layers))
     parameters = (LOCAL_WINDOW, CONCENTRATED_MASS, DECISIVE)
     share = (jax.process_index(), jax.process_count())
-    fingerprint = _fingerprint(model, params, capture, max_length, maps_max_length, parameters, share)
-    path = None if checkpoint is None else _checkpoint_path(checkpoint, share)
+    path = fingerprint = None
+    if checkpoint is not None:
+        path = _checkpoint_path(checkpoint, share)
+        fingerprint = _fingerprint(model, params, capture, max_length, maps_max_length, parameters, share)
     accumulator, resume = None, None
     if path is not None and path.exists():
         accumulator, resume = load_checkpoint(path, fingerprint)
@@ -236,10 +238,15 @@ def _checkpoint_path(checkpoint, share) -> Path:
 def _fingerprint(model, params, capture, max_length, maps_max_length, parameters, share) -> str:
     """What a checkpoint's sums depend on besides the texts: model, weights, settings."""
     leaves = jax.tree_util.tree_leaves(params)
-    totals = jax.device_get([jnp.sum(jnp.asarray(leaf, jnp.float32)) for leaf in leaves])
+    totals = jax.device_get(_leaf_sums(leaves))
     parts = [model.family, repr(model.config), repr(capture), max_length, maps_max_length, parameters, share,
              [(tuple(np.shape(leaf)), str(leaf.dtype)) for leaf in leaves], [float(t) for t in totals]]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+@jax.jit
+def _leaf_sums(leaves):
+    return [jnp.sum(leaf.astype(jnp.float32)) for leaf in leaves]
 
 
 def _frame(accumulator, classes, layers, capture, maps_max_length, thresholds) -> pd.DataFrame:
