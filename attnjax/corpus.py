@@ -35,7 +35,7 @@ from attnjax.tokenize import bucket_length, display_tokens, encode_all
 SKIP_REASONS = ("not a string", "not UTF-8", "empty", "only special tokens",
                 "longer than max_length even after truncation (its special tokens alone)")
 NOT_STRING, NOT_UTF8, EMPTY, ONLY_SPECIAL, TOO_LONG = range(5)
-CHUNK = 256  # texts tokenised per fast-tokenizer call
+CHUNK = 256  # texts tokenised per fast-tokenizer call (at most; 4 batches' worth when smaller)
 QUEUE_DEPTH = 4  # batches tokenised ahead of the device
 
 
@@ -72,6 +72,7 @@ class Batcher:
                  classes: "TokenClasses"):
         self.model = model
         self.classes = classes
+        self.chunk = max(batch_size, min(CHUNK, 4 * batch_size))  # small batches leave early (checkpoints)
         self.batch_size = batch_size
         self.max_length = max_length
         self.share = share
@@ -133,7 +134,7 @@ class Batcher:
             if index % count != rank or (index < skip_until and index not in skip_pending):
                 continue
             chunk.append((index, text))
-            if len(chunk) == CHUNK:
+            if len(chunk) == self.chunk:
                 self._tokenize(chunk)
                 chunk = []
                 self._emit_full(read, digest.hexdigest())

@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import sys
 
+# Short texts (at most 16 tokens with [CLS] / [SEP]: one length bucket, one compile per
+# mesh), with an empty text and an emoji-only one (only special tokens) to be skipped.
 CORPUS = [
     "The cat sat on the mat.", "It was warm, and the dog slept by the door.", "",
-    "Attention heads look at the [SEP] token a lot.", "A B C D A B C D.", "\U0001F600",
-    "Induction heads copy what came after an earlier copy of the current token, they say.",
-    "Short.", "One more sentence, with a comma, and a full stop.", "The end of the corpus is near.",
-    "Heads look at the previous token, the first token, or everywhere.", "Last one.",
+    "Heads look at the [SEP] token a lot.", "A B C D A B C D.", "\U0001F600",
+    "Induction heads copy what came next.", "Short.", "One more, with a comma.",
+    "The end of the corpus is near.", "Heads look at the previous token.", "Last one.",
 ]
-COLUMNS_TO_COMPARE = None  # every float column
 
 
 def assert_same(a, b, what: str) -> None:
