@@ -14,6 +14,7 @@ and what was skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def add_parser(commands, dtypes) -> None:
     profile.add_argument("--csv", type=Path, help="write the per-head frame to this CSV (as --out x.csv)")
     profile.add_argument("--html", type=Path, help="write a self-contained corpus page")
     profile.add_argument("--checkpoint", type=Path, help="where partial sums are saved (default: beside the "
-                                                         "output, NAME.checkpoint.npz)")
+                                                         "first output or the corpus, NAME.checkpoint.npz)")
     profile.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     profile.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                          help="progress bar with texts/s, tokens/s and (when the size is known) an ETA")
@@ -131,9 +132,14 @@ def run_profile(args) -> int:
 
 
 def _default_checkpoint(args, outputs) -> Path:
-    anchor = outputs[0][1] if outputs else Path(args.corpus.name)
-    return anchor.with_name(anchor.name + ".checkpoint.npz") if outputs else \
-        Path.cwd() / f"{args.corpus.name}.attnjax-profile.checkpoint.npz"
+    """Beside the first output (heads.csv -> heads.csv.checkpoint.npz), else beside the
+    corpus (or in the working directory when the corpus's directory is read-only)."""
+    if outputs:
+        anchor = outputs[0][1]
+        return anchor.with_name(anchor.name + ".checkpoint.npz")
+    name = f"{args.corpus.name}.attnjax-profile.checkpoint.npz"
+    beside = args.corpus.parent / name
+    return beside if os.access(args.corpus.parent, os.W_OK) else Path.cwd() / name
 
 
 class CorpusPage:
