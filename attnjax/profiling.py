@@ -173,10 +173,12 @@ def _check_model(model) -> None:
                          "add tokenizer.json to the checkpoint directory.")
 
 
-def _step(params, input_ids, mask, token_type_ids, classes, *, forward, capture, causal, windows, parameters):
+def _step(params, input_ids, mask, token_type_ids, classes, *, forward, capture, causal, windows, parameters,
+          attention_impl="auto"):
     """Per-text sums (B, L, H) of every score over its eligible queries, per-text eligible
     counts (B, L), and per-text anomaly sums, for one padded batch."""
-    _, trace = forward(params, input_ids, mask, token_type_ids, capture=capture, logits="none")
+    _, trace = forward(params, input_ids, mask, token_type_ids, capture=capture, logits="none",
+                       attention_impl=attention_impl)
     mask = mask.astype(bool)
     if capture.attention:
         terms = attention_score_terms(trace.attention, mask, input_ids, classes, causal=causal, windows=windows)
@@ -205,7 +207,8 @@ def _step(params, input_ids, mask, token_type_ids, classes, *, forward, capture,
     return out, counts
 
 
-corpus_step = jax.jit(_step, static_argnames=("forward", "capture", "causal", "windows", "parameters"))
+corpus_step = jax.jit(_step, static_argnames=("forward", "capture", "causal", "windows", "parameters",
+                                             "attention_impl"))
 
 
 def _finish(accumulator, batch, result, maps, bar, started) -> None:
