@@ -12,8 +12,9 @@ the mesh's "data" axis; the host adds the per-text sums in float64.
 Columns beyond head_scores: category, decided_by, decision_score, decision_threshold
 (classify_heads); n_texts and n_tokens (the corpus's counted texts and real tokens);
 and ``<score>_std`` for every score: the population standard deviation across texts of
-the text's own mean (texts where the score has no eligible query are left out), how
-stable a head's role is.
+the text's own mean (texts where the score has no eligible query are left out; for
+cls / sep / punctuation a text without such a key counts as 0 mass, as in the corpus
+mean), how stable a head's role is.
 
 ``frame.attrs``: "skipped" (list of (index, reason) of the texts that could not be
 used; ``skipped_texts(frame)`` as a DataFrame), "n_truncated", "nan_columns" (score
@@ -146,10 +147,10 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
             in_flight = (item, result, maps)
         if in_flight is not None:
             _finish(accumulator, *in_flight, bar, started)
+        accumulator.add_skipped(done.position.skipped)
+        bar.update(len(done.position.skipped))
     finally:
         bar.close()
-    accumulator.add_skipped(done.position.skipped)
-    bar.update(len(done.position.skipped))
     if path is not None:
         save_checkpoint(path, accumulator, done.position, fingerprint)
     return _frame(accumulator, classes, layers, capture, maps_max_length, thresholds)
