@@ -224,6 +224,11 @@ def test_profile_parquet_in_parquet_and_html_out(capsys, tmp_path):
                     "Anomalies over the corpus", "What was skipped", "not a string"):
         assert section in html
     assert not list(tmp_path.glob("*.checkpoint.npz"))
+    from attnjax.viz import browser
+
+    if browser.find_chromium():  # every chart of the page draws, offline, without errors
+        rendered = browser.render(page)
+        assert rendered.drew and rendered.charts_drawn == 5, (rendered.charts_drawn, rendered.chart_errors)
 
 
 @pytest.mark.parametrize("case", ["missing", "column-csv", "column-jsonl", "not-parquet", "unwritable", "format"])
