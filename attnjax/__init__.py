@@ -14,13 +14,25 @@ from attnjax.api import load, run
 from attnjax.cache import enable_compilation_cache, tune_host_allocator
 from attnjax.kernels.stats import AttentionStats
 from attnjax.models import CheckpointError, Model, UnsupportedConfigError, is_decoder
+from attnjax.parallel import data_mesh
 from attnjax.tokenize import Batch, tokenize
 from attnjax.trace import Capture, Trace
 
 __version__ = "0.1.0"
+_LAZY = {"profile": "attnjax.profiling", "skipped_texts": "attnjax.profiling"}
+
+
+def __getattr__(name):
+    """attnjax.profile and attnjax.skipped_texts import pandas and the analyses on first use,
+    so `import attnjax` (and the report command's start-up) stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attnjax' has no attribute {name!r}")
 
 __all__ = [
     "AttentionStats", "Batch", "Capture", "CheckpointError", "Model", "Trace",
     "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
-    "is_decoder", "tune_host_allocator",
+    "is_decoder", "tune_host_allocator", "data_mesh", "profile", "skipped_texts",
 ]

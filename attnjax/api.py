@@ -26,7 +26,7 @@ def _check_pad_to(pad_to: PadTo) -> PadTo:
     return int(pad_to)
 
 
-def load(name_or_path: str | os.PathLike, dtype=None) -> Model:
+def load(name_or_path: str | os.PathLike, dtype=None, mesh=None) -> Model:
     """Load a BERT, GPT-2 or Llama-like decoder checkpoint.
 
     ``"minilm"``: the bundled all-MiniLM-L6-v2 (offline); a local Hugging Face
@@ -39,9 +39,18 @@ def load(name_or_path: str | os.PathLike, dtype=None) -> Model:
     bfloat16 and runs the decoder in it (norms and softmax in float32, as transformers
     does), halving the memory of a big checkpoint; attention statistics stay float32.
     BERT and GPT-2 load in float32 only.
+
+    mesh: a jax.sharding.Mesh to place the params on: replicated over its "data" axis,
+    and split Megatron-style over its "model" axis if it has one (heads and MLP width;
+    attnjax.parallel), for a model that does not fit one device. attnjax.profile then
+    runs on it as it is.
     """
     directory = resolve(name_or_path)
     family, config, params, tokenizer = load_directory(directory, normalize_dtype(dtype))
+    if mesh is not None:
+        from attnjax.parallel import place_params
+
+        params = place_params(params, mesh)
     return Model(family=family, config=config, params=params, tokenizer=tokenizer,
                  name=str(name_or_path))
 

@@ -5,7 +5,7 @@
     attnjax report --model gpt2 --file story.txt --max-length 256
     attnjax report --text "She went home." --compare "He went home."
     attnjax report --text "Where is it?" --pair "Two streets north."   # a BERT sentence pair
-    attnjax profile corpus.txt --csv heads.csv       # streaming statistics over a file
+    attnjax profile corpus.txt --out heads.csv       # per-head scores over a corpus (attnjax/profile_cli.py)
 
 Bad input (missing file, empty text, unknown model, unwritable output, over-long
 text without --max-length) is reported in one line on stderr with exit status 2;
@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 EXAMPLE_TEXT = Path(__file__).resolve().parent / "data" / "example.txt"
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -64,16 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress bar (default: on for inputs over 256 tokens)")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    profile = commands.add_parser("profile", help="streaming attention statistics over a text file",
-                                  description="Run a model over a text file, paragraph by paragraph, recording only "
-                                              "streaming statistics, and print per-layer focus and head categories.")
-    profile.add_argument("file", type=Path, help="text file; paragraphs are separated by blank lines")
-    profile.add_argument("--model", default="minilm", help="as for report")
-    profile.add_argument("--max-length", type=int, help="truncate each paragraph to this many tokens "
-                                                        "(default: the model's positions)")
-    profile.add_argument("--dtype", choices=DTYPES, default="float32", help="as for report")
-    profile.add_argument("--csv", type=Path, help="also write the per-head scores and categories to this CSV")
-    profile.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    from attnjax.profile_cli import add_parser as add_profile_parser
+
+    add_profile_parser(commands, DTYPES)
     return parser
 
 
@@ -90,6 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "report":
             return run_report(args)
+        from attnjax.profile_cli import run_profile
+
         return run_profile(args)
     except InputError as error:
         return fail(str(error), EXIT_BAD_INPUT, args)
@@ -277,80 +272,6 @@ def run_report(args) -> int:
         print(f"  {name:<22} {seconds:7.2f} s")
     print(f"  {'total':<22} {time.perf_counter() - started:7.2f} s")
     print(f"Wrote {path.resolve()} ({size / 1e6:.1f} MB)")
-    return EXIT_OK
-
-
-def paragraphs(text: str) -> List[str]:
-    """Blank-line separated paragraphs with their lines joined."""
-    parts, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line.strip())
-        elif current:
-            parts.append(" ".join(current))
-            current = []
-    if current:
-        parts.append(" ".join(current))
-    return parts
-
-
-def run_profile(args) -> int:
-    if not args.file.exists():
-        raise InputError(f"{args.file}: no such file.")
-    if args.file.is_dir():
-        raise InputError(f"{args.file} is a directory; give a text file.")
-    try:
-        chunks = paragraphs(args.file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{args.file} is not UTF-8 text.") from None
-    if not chunks:
-        raise InputError(f"{args.file} is empty; give a file with some words.")
-    check_max_length(args.max_length)
-    if args.csv is not None:
-        check_output(args.csv, "--csv", "heads.csv")
-
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    import attnjax
-    from attnjax import Capture, analysis
-    from attnjax.report import count_tokens
-
-    attnjax.enable_compilation_cache()
-    attnjax.tune_host_allocator()
-    started = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype)
-    limit = args.max_length or model.config.max_positions
-    capture = Capture(stats=True)
-    traces, truncated, skipped = [], 0, []
-    for number, chunk in enumerate(tqdm(chunks, desc="profile", unit="paragraph", file=sys.stderr), start=1):
-        count = count_tokens(model, chunk)
-        try:  # run pads to length buckets: a few compiled programs serve every length
-            traces.append(attnjax.run(model, chunk, capture=capture, max_length=limit))
-        except ValueError as error:  # e.g. an emoji-only line: nothing but special tokens
-            skipped.append((number, str(error).replace("Text 0", "it")))
-            continue
-        truncated += int(count > limit)
-    for number, reason in skipped:
-        print(f"attnjax: skipped paragraph {number} of {args.file}: {reason}", file=sys.stderr)
-    if not traces:
-        raise InputError(f"{args.file}: none of its {len(chunks)} paragraphs could be used (see above).")
-    scores = analysis.classify_heads(analysis.head_scores(traces))
-    focus = analysis.focus_by_layer(traces)
-    tokens = sum(int(t.mask.sum()) for t in traces)
-    with pd.option_context("display.width", 120, "display.max_columns", 20):
-        print(f"{model.name}: {len(traces)} paragraphs, {tokens} tokens"
-              + (f" ({truncated} truncated to {limit} tokens)" if truncated else "")
-              + (f"; skipped {len(skipped)} unusable: paragraph {', '.join(str(n) for n, _ in skipped)}"
-                 if skipped else ""))
-        print("\nFocus by layer (means over heads):")
-        print(focus[["layer", "entropy", "normalized_entropy", "max_weight"]].round(3).to_string(index=False))
-        print("\nHead categories:")
-        print(scores["category"].value_counts().to_string())
-    if args.csv is not None:
-        scores.to_csv(args.csv, index=False)
-        print(f"\nWrote {args.csv.resolve()}")
-    print(f"\nTook {time.perf_counter() - started:.1f} s")
     return EXIT_OK
 
 

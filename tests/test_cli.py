@@ -256,3 +256,69 @@ def test_pair_segment_ids_match_hugging_face():
         np.testing.assert_array_equal(batch.token_type_ids[row, :n], expected["token_type_ids"])
     trace = attnjax.run(model, pairs)
     assert trace.tokens[0][:11] == ("[CLS]", "where", "is", "it", "?", "[SEP]", "two", "streets", "north", ".", "[SEP]")
+def test_profile_parquet_in_parquet_and_html_out(capsys, tmp_path):
+    # A Parquet corpus with a None row (skipped, named by its row number), per-head scores
+    # written as Parquet, and the corpus page; the checkpoint is gone once it finished.
+    import pandas as pd
+
+    corpus = tmp_path / "corpus.parquet"
+    pd.DataFrame({"body": ["The cat sat on the mat.", None, "The dog slept by the door."]}).to_parquet(corpus)
+    out, page = tmp_path / "heads.parquet", tmp_path / "corpus.html"
+    status, out_text, err = run_main(capsys, "profile", str(corpus), "--column", "body", "--out", str(out),
+                                     "--html", str(page), "--batch-size", "4", "--no-progress")
+    assert status == 0, err
+    assert "2 rows" in out_text and "skipped 1 unusable: row 2" in out_text
+    assert f"skipped row 2 of {corpus}: not a string" in err
+    heads = pd.read_parquet(out)
+    assert len(heads) == 72 and {"category", "n_texts", "entropy_std"} <= set(heads.columns)
+    html = page.read_text()
+    for section in ("Head taxonomy and stability", "Head scores across texts", "Focus by layer",
+                    "Anomalies over the corpus", "What was skipped", "not a string"):
+        assert section in html
+    assert not list(tmp_path.glob("*.checkpoint.npz"))
+    from attnjax.viz import browser
+
+    if browser.find_chromium():  # every chart of the page draws, offline, without errors
+        rendered = browser.render(page)
+        assert rendered.drew and rendered.charts_drawn == 5, (rendered.charts_drawn, rendered.chart_errors)
+
+
+@pytest.mark.parametrize("case", ["missing", "column-csv", "column-jsonl", "not-parquet", "unwritable", "format"])
+def test_profile_bad_input_is_one_line(capsys, tmp_path, case):
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("title,body\nA,The cat sat.\n")
+    argv = ["profile", str(corpus), "--column", "body"]
+    expected = ()
+    if case == "missing":
+        argv[1], expected = str(tmp_path / "nope.jsonl"), ("nope.jsonl", "no such file")
+    elif case == "column-csv":
+        argv[3], expected = "text", ("no column 'text'", "--column")
+    elif case == "column-jsonl":
+        jsonl = tmp_path / "corpus.jsonl"
+        jsonl.write_text('{"body": "The cat sat."}\n')
+        argv[1:], expected = [str(jsonl)], ("no field 'text'", "--column")
+    elif case == "not-parquet":
+        bad = tmp_path / "corpus.parquet"
+        bad.write_text("not parquet")
+        argv[1], expected = str(bad), ("cannot be read as Parquet",)
+    elif case == "unwritable":
+        argv += ["--out", str(tmp_path / "missing" / "heads.csv")]
+        expected = ("--out", "does not exist")
+    else:
+        argv += ["--format", "jsonl"]
+        expected = ("not JSON",)
+    status, _, err = run_main(capsys, *argv)
+    assert status == 2
+    assert_one_line_error(err, *expected)
+
+
+def test_corpus_readers_stream_records(tmp_path):
+    from attnjax.readers import read_corpus
+
+    text = tmp_path / "c.txt"
+    text.write_bytes(b"One line.\nSame paragraph.\n\n\n\xff\xfe bad bytes\n\nLast.")
+    assert [t if t is None or t.isprintable() else "<bad>" for t in read_corpus(text, "txt")] == [
+        "One line. Same paragraph.", "<bad>", "Last."]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "a"}\nnot json\n\n{"other": 1}\n["list"]\n')
+    assert list(read_corpus(jsonl, "jsonl")) == ["a", None, None, None]

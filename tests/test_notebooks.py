@@ -17,6 +17,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 WRITES = {
     "quickstart.ipynb": ("taxonomy.html",),
     "long_context.ipynb": ("long_context_heads.html", "long_context_overview.html"),
+    "corpus_profile.ipynb": ("corpus_profile.html",),
 }
 
 
@@ -36,6 +37,9 @@ def small_sizes(name: str, directory: Path, monkeypatch) -> None:
         tiny_decoder(model_dir, "llama-gqa-llama3", max_position_embeddings=256)
         monkeypatch.setenv("ATTNJAX_MODEL", str(model_dir))
         monkeypatch.setenv("ATTNJAX_LENGTH", "160")
+    if name == "corpus_profile.ipynb":
+        monkeypatch.setenv("ATTNJAX_CORPUS_SIZE", "24")
+        monkeypatch.setenv("ATTNJAX_SENTENCES", "1")  # one length bucket: one compile
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -190,6 +190,17 @@ def head_scores(
             counts = {name: counts[name] + item_counts[name] for name in counts}
     first = traces[0]
     source = "attention" if has_attention(first) else "stats"
+    frame = scores_frame(sums, counts, present, first_tokens, layer_ids(first), source)
+    frame.attrs["anomaly_parameters"] = parameters
+    return frame
+
+
+def scores_frame(sums: Dict[str, np.ndarray], counts: Dict[str, np.ndarray], present: np.ndarray,
+                 first_tokens: set, layers: Sequence[int], source: str) -> pd.DataFrame:
+    """head_scores's frame from the corpus sums (L, H) and eligible-query counts (L,) of
+    score_sums, the class presence flags (3,) and the set of tokens at position 0 (None
+    for a sequence without tokens). attnjax.profiling accumulates the same sums over a
+    streamed corpus and builds its frame here, so both agree by construction."""
     means = {}
     for name in SCORE_COLUMNS:
         if name not in sums:
@@ -210,9 +221,7 @@ def head_scores(
     targets = np.stack([sums["on_first"], sums["on_special"], sums["concentrated"] - sums["on_first"] - sums["on_special"]])
     labels = np.array([first_label, "[CLS]/[SEP]", "a fixed key"], dtype=object)[targets.argmax(0)]  # (L, H)
     means["concentrated_on"] = np.where(sums["concentrated"] > 0, labels, "")
-    frame = _frame(layer_ids(first), counts["query"][0], means, source)
-    frame.attrs["anomaly_parameters"] = parameters
-    return frame
+    return _frame(layers, counts["query"][0], means, source)
 
 
 def _frame(layers, n_queries, means, source) -> pd.DataFrame:

@@ -11,6 +11,7 @@ DataFrames come from attnjax.analysis (or, for attention maps, from
 """
 
 from attnjax.viz.attention import attention_heatmap, model_overview
+from attnjax.viz.corpus import corpus_anomaly_chart, corpus_focus, spread_chart, stability_chart
 from attnjax.viz.frames import (
     HEATMAP_MAX_TOKENS,
     OVERVIEW_MAX_WEIGHTS,
@@ -28,5 +29,6 @@ __all__ = [
     "attention_heatmap", "comparison_chart", "focus_chart", "layer_similarity_chart",
     "model_overview", "next_token_explorer", "next_token_frames", "save_html", "save_image",
     "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
+    "corpus_anomaly_chart", "corpus_focus", "spread_chart", "stability_chart",
 ]
 
