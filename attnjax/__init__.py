@@ -12,6 +12,8 @@ and ``model.forward(..., logits="last" | "none")`` avoids (T, vocab) logits.
 
 from attnjax.api import load, run
 from attnjax.cache import enable_compilation_cache, tune_host_allocator
+from attnjax.chat import spans_from_chat, spans_from_text
+from attnjax.generate import Generation, generate
 from attnjax.kernels.stats import AttentionStats
 from attnjax.models import CheckpointError, Model, UnsupportedConfigError, is_decoder
 from attnjax.tokenize import Batch, tokenize
@@ -20,7 +22,7 @@ from attnjax.trace import Capture, Trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionStats", "Batch", "Capture", "CheckpointError", "Model", "Trace",
+    "AttentionStats", "Batch", "Capture", "CheckpointError", "Generation", "Model", "Trace",
     "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
-    "is_decoder", "tune_host_allocator",
+    "is_decoder", "tune_host_allocator", "generate", "spans_from_chat", "spans_from_text",
 ]

@@ -230,7 +230,7 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int, temperature: float =
     first = np.zeros((1, padded), np.int32)
     first[0, :prompt_length] = ids
     token, logits, cache, records = run(first, prompt_length, 0, cache, 0)
-    parts: List[Dict] = [records] if recording else []
+    parts: List[Dict] = [jax.device_get(records)] if recording else []  # host copies: O(T) per step
     new_ids: List[int] = []
     step_logits = [logits]
     eos = set(model.eos_token_ids or _config_eos(config))
@@ -252,12 +252,12 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int, temperature: float =
                                             prompt_length + len(new_ids) - 1, cache, len(new_ids))
         step_logits.append(logits)
         if recording:
-            parts.append(records)
+            parts.append(jax.device_get(records))
     bar.close()
     if recording:  # the last token's own row: one more step, its choice unused
         _, _, cache, records = run(np.asarray([[new_ids[-1]]], np.int32), 1,
                                    prompt_length + len(new_ids) - 1, cache, len(new_ids))
-        parts.append(records)
+        parts.append(jax.device_get(records))
     all_ids = np.concatenate([ids, np.asarray(new_ids, np.int32)])
     tokens = display_tokens(model.tokenizer, model.family, all_ids) if model.tokenizer is not None \
         else tuple(str(i) for i in all_ids)
@@ -276,29 +276,33 @@ def _config_eos(config) -> Tuple[int, ...]:
 def assemble_trace(parts: List[Dict], prompt_length: int, ids: np.ndarray, tokens, model,
                    recorded: Tuple[int, ...]) -> Trace:
     """One Trace over all T positions from the prefill's records (its first
-    prompt_length rows) and one record per decode step (one row each)."""
+    prompt_length rows) and one record per decode step (one row each), all host arrays
+    (assembled with numpy: no new XLA program per generation length)."""
     total = len(ids)
 
-    def rows(name, axis):  # the prefill's real rows, then each step's row, along the query axis
-        first = jax.lax.slice_in_dim(parts[0][name], 0, prompt_length, axis=axis)
-        return jnp.concatenate([first] + [p[name] for p in parts[1:]], axis=axis)
+    def along(first: np.ndarray, rest: List[np.ndarray], axis: int, keys: bool = False) -> jax.Array:
+        first = np.take(first, np.arange(prompt_length), axis=axis)  # the prefill's real rows
+        joined = np.concatenate([first] + rest, axis=axis)
+        return jnp.asarray(joined[..., :total] if keys else joined)  # keys: the cache's first T slots
+
+    def rows(name, axis, keys=False):  # the prefill's real rows, then each step's row, along the query axis
+        return along(parts[0][name], [p[name] for p in parts[1:]], axis, keys)
 
     present = parts[0]
-    attention = rows("attention", 3)[..., :total] if "attention" in present else None  # (L, 1, H, T, T)
-    scores = rows("scores", 3)[..., :total] if "scores" in present else None  # (L, 1, H, T, T)
+    attention = rows("attention", 3, keys=True) if "attention" in present else None  # (L, 1, H, T, T)
+    scores = rows("scores", 3, keys=True) if "scores" in present else None  # (L, 1, H, T, T)
     stats = None
     if "stats" in present:
         def field(name):
             if name == "received":  # column sums add up over the steps
-                return sum(p["stats"].received for p in parts)[..., :total]  # (L, 1, H, T)
-            first = jax.lax.slice_in_dim(getattr(parts[0]["stats"], name), 0, prompt_length, axis=3)
-            return jnp.concatenate([first] + [getattr(p["stats"], name) for p in parts[1:]], axis=3)
+                return jnp.asarray(sum(p["stats"].received for p in parts)[..., :total])  # (L, 1, H, T)
+            return along(getattr(parts[0]["stats"], name), [getattr(p["stats"], name) for p in parts[1:]], 3)
         stats = type(present["stats"])(**{f.name: field(f.name) for f in dataclasses.fields(present["stats"])
                                           if f.name != "pooled"})
     windows = getattr(model.config, "windows", ())
     return Trace(
-        mask=jnp.ones((1, total), bool),
-        input_ids=jnp.asarray(ids, jnp.int32)[None],
+        mask=jnp.asarray(np.ones((1, total), bool)),
+        input_ids=jnp.asarray(ids[None].astype(np.int32)),
         attention=attention,
         scores=scores,
         hidden_states=rows("hidden_states", 2) if "hidden_states" in present else None,

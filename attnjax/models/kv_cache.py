@@ -64,8 +64,11 @@ def step_stats(scores: jax.Array, probs: jax.Array, query_pos: jax.Array, query_
     lse = jnp.where(row_valid, jax.nn.logsumexp(scores, axis=-1), 0.0)  # (B, N, Tq)
     plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0)  # (B, N, Tq, S)
     key_pos = jnp.arange(num_keys)  # (S,)
-    at = lambda offset: jnp.sum(jnp.where(key_pos[None, :] == (query_pos + offset)[:, None], probs, 0.0),  # noqa: E731
-                                axis=-1)  # (B, N, Tq)
+
+    def at(shift):  # p[i, i + shift] for each query position i (0 where that key does not exist)
+        hit = key_pos[None, :] == (query_pos + shift)[:, None]  # (Tq, S)
+        return jnp.sum(jnp.where(hit[None, None], probs, 0.0), axis=-1)  # (B, N, Tq)
+
     distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(probs.dtype)  # (Tq, S)
     return AttentionStats(
         lse=lse,
@@ -75,7 +78,7 @@ def step_stats(scores: jax.Array, probs: jax.Array, query_pos: jax.Array, query_
         first_mass=probs[..., 0],
         self_mass=at(0),
         prev_mass=at(-1),
-        mean_distance=jnp.sum(probs * distance, axis=-1),
+        mean_distance=jnp.sum(probs * distance[None, None], axis=-1),
         received=jnp.einsum("BNTS,BT->BNS", probs, query_mask.astype(probs.dtype),
                             precision=lax.Precision.HIGHEST),  # (B, N, S)
     )
