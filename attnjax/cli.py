@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=Path("report.html"), help="where to write (default report.html)")
     report.add_argument("--max-length", type=int, help="truncate the text to this many tokens")
     report.add_argument("--compare", metavar="TEXT2", help="also compare with this second text")
+    report.add_argument("--generate", type=int, metavar="N", help="decoders: also continue the text for N tokens "
+                        "and show what each new token read, and how much went to each prompt span")
+    report.add_argument("--system", metavar="TEXT", help="with --generate: a system prompt before the text")
     report.add_argument("--model-b", help="also compare with this second model (same architecture)")
     report.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="parameter dtype of a Llama-like decoder (default float32, exact parity; "
@@ -211,6 +214,10 @@ def run_report(args) -> int:
     check_max_length(args.max_length)
     if args.compare is not None and not args.compare.strip():
         raise InputError("--compare is empty; give the second text.")
+    if args.generate is not None and args.generate < 1:
+        raise InputError(f"--generate {args.generate}: give a positive number of tokens.")
+    if args.system is not None and args.generate is None:
+        raise InputError("--system is a system prompt for --generate; add --generate N.")
     token = None if args.token is None else (int(args.token) if args.token.strip().lstrip("-").isdigit()
                                               else args.token)
 
@@ -244,7 +251,8 @@ def run_report(args) -> int:
                          f"{model.config.max_positions} positions.")
     try:
         report = build_report(model, text, compare_text=args.compare, model_b=model_b, max_length=args.max_length,
-                              token=token, scheme=args.scheme, scale=args.scale, progress=args.progress)
+                              token=token, scheme=args.scheme, scale=args.scale, progress=args.progress,
+                              generate=args.generate, system=args.system)
     except ReportInputError as error:
         raise InputError(str(error)) from None
     timings.update(report.timings)
