@@ -89,7 +89,7 @@ def test_span_mass_by_step_reads_the_choosing_rows():
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2-chat")
-    tiny_decoder(path, "qwen2-bias-window")
+    tiny_decoder(path, "qwen2-bias-window", max_position_embeddings=128)  # ChatML headers are many bytes
     (path / "chat_template.jinja").write_text(CHATML)
     return attnjax.load(path)
 
@@ -122,3 +122,27 @@ def test_spans_from_chat_names_each_role(chat_model):
     for name, message in zip(spans, messages):
         start, end = spans[name]
         assert chat_model.tokenizer.decode(ids[start:end]).strip() == message["content"]
+
+
+def test_report_generation_sections_and_charts(chat_model, tmp_path):
+    """The report's generation sections on a chat model: spans from the chat roles, the
+    generation view and the span chart, written to HTML with the token text escaped."""
+    from attnjax.report_generation import generation_sections
+    from attnjax.viz.html import render_page
+
+    blocks = generation_sections(chat_model, "The <b>quick</b> fox?", 3, system="Answer briefly.")
+    kinds = [block.kind for block in blocks]
+    assert kinds.count("chart") == 2 and "Prompt spans" in [b.content for b in blocks if b.kind == "h2"]
+    note = next(b.content for b in blocks if b.kind == "note" and b.content.startswith("Spans:"))
+    assert "system = tokens" in note and "user = tokens" in note
+    page = render_page("generation", blocks)
+    assert "<b>quick</b>" not in page  # token text never becomes markup
+
+
+def test_report_generate_on_an_encoder_exits_2(capsys, tmp_path):
+    from attnjax import cli
+
+    status = cli.main(["report", "--model", "minilm", "--text", "The cat sat.", "--generate", "3",
+                       "--out", str(tmp_path / "r.html")])
+    err = capsys.readouterr().err
+    assert status == 2 and "--generate needs a decoder" in err and not (tmp_path / "r.html").exists()
