@@ -117,11 +117,13 @@ def prompt_ids(model, prompt: Prompt) -> Tuple[np.ndarray, Optional[str]]:
 def _check_options(max_new_tokens, temperature, top_k, top_p, stop, capture) -> Tuple[str, ...]:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; give a positive number of tokens to generate.")
-    if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature < 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r}; give 0 (greedy) or a positive number (sampling).")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k={top_k!r}; give a positive number of tokens, or None for no top-k filter.")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating))
+                              or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}; give a probability in (0, 1], or None for no nucleus filter.")
     if capture is not None and not isinstance(capture, Capture):
         raise TypeError(f"capture must be an attnjax.Capture; got {type(capture).__name__}.")
@@ -203,6 +205,9 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int, temperature: float =
         raise ValueError(f"generate needs a decoder (GPT-2 or a Llama-like model); {model.name or model.family} "
                          f"is a {model.family} encoder, which predicts no next token.")
     stops = _check_options(max_new_tokens, temperature, top_k, top_p, stop, capture)
+    if stops and model.tokenizer is None:
+        raise ValueError("stop strings need the model's tokenizer to read the new text; this model has none. "
+                         "Stop on token ids by setting model.eos_token_ids instead.")
     ids, prompt_text = prompt_ids(model, prompt)
     prompt_length = len(ids)
     check_fits(model, prompt_length, max_new_tokens)
@@ -244,7 +249,7 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int, temperature: float =
         bar.update(1)
         if new_ids[-1] in eos:
             reason = "eos"
-        elif stops and model.tokenizer is not None and any(s in model.tokenizer.decode(new_ids) for s in stops):
+        elif stops and any(s in model.tokenizer.decode(new_ids) for s in stops):
             reason = "stop"
         if reason != "length" or len(new_ids) == max_new_tokens:
             break
@@ -264,7 +269,7 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int, temperature: float =
     text = model.tokenizer.decode(new_ids) if model.tokenizer is not None else ""
     trace = assemble_trace(parts, prompt_length, all_ids, tokens, model, recorded) if recording else None
     return Generation(ids=all_ids, prompt_length=prompt_length, tokens=tokens, text=text,
-                      new_tokens=tokens[prompt_length:], logits=np.asarray(jnp.stack(step_logits)),
+                      new_tokens=tokens[prompt_length:], logits=np.stack(jax.device_get(step_logits)),
                       trace=trace, stop_reason=reason, prompt_text=prompt_text)
 
 
