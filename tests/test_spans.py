@@ -146,3 +146,5 @@ def test_report_generate_on_an_encoder_exits_2(capsys, tmp_path):
                        "--out", str(tmp_path / "r.html")])
     err = capsys.readouterr().err
     assert status == 2 and "--generate needs a decoder" in err and not (tmp_path / "r.html").exists()
+    status = cli.main(["report", "--text", "The cat sat.", "--system", "Be brief.", "--out", str(tmp_path / "r.html")])
+    assert status == 2 and "add --generate N" in capsys.readouterr().err
