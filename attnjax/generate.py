@@ -22,6 +22,14 @@ Generation stops after an end-of-sequence token (the checkpoint's
 generation_config / config eos_token_id), after the token that completes a ``stop``
 string (both kept in the output), or after max_new_tokens.
 
+Cost: the cache holds bucket_length(prompt + max_new_tokens) positions (powers of two,
+then multiples of 512), and the prompt is padded to its own bucket, so prompts and
+lengths in one bucket reuse one compiled prefill and step. The prefill is the dense
+computation over the cache (an (heads, prompt, cache) score matrix per layer, built
+one layer at a time), not the blockwise kernel: fine for prompts of a few thousand
+tokens. top_p keeps every token tied with the last one kept (transformers cuts ties by
+sort order).
+
 The trace: row i of every recorded array is query position i. Prompt rows come from
 the prefill; row i of a generated position comes from the decode step that read token
 i, so the row that chose new token s (0-based) is row prompt_length - 1 + s
