@@ -31,6 +31,7 @@ bench: $(VENV)/.test-installed
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/long_context.py
 	$(PY) benchmarks/analysis.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,6 +12,8 @@ and ``model.forward(..., logits="last" | "none")`` avoids (T, vocab) logits.
 
 from attnjax.api import load, run
 from attnjax.cache import enable_compilation_cache, tune_host_allocator
+from attnjax.chat import spans_from_chat, spans_from_text
+from attnjax.generate import Generation, generate
 from attnjax.kernels.stats import AttentionStats
 from attnjax.models import CheckpointError, Model, UnsupportedConfigError, is_decoder
 from attnjax.parallel import data_mesh
@@ -32,7 +34,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'attnjax' has no attribute {name!r}")
 
 __all__ = [
-    "AttentionStats", "Batch", "Capture", "CheckpointError", "Model", "Trace",
+    "AttentionStats", "Batch", "Capture", "CheckpointError", "Generation", "Model", "Trace",
     "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
     "is_decoder", "tune_host_allocator", "data_mesh", "profile", "skipped_texts",
+    "generate", "spans_from_chat", "spans_from_text",
 ]

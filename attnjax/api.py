@@ -8,7 +8,7 @@ from typing import Optional, Union
 import numpy as np
 
 from attnjax.models.attention import AttentionImpl
-from attnjax.models.checkpoints import load_directory, normalize_dtype, resolve
+from attnjax.models.checkpoints import load_directory, normalize_dtype, read_eos_ids, resolve
 from attnjax.models.model import Model
 from attnjax.tokenize import bucket_length, tokenize  # noqa: F401  (bucket_length: part of run's contract)
 from attnjax.trace import Capture
@@ -52,7 +52,7 @@ def load(name_or_path: str | os.PathLike, dtype=None, mesh=None) -> Model:
 
         params = place_params(params, mesh)
     return Model(family=family, config=config, params=params, tokenizer=tokenizer,
-                 name=str(name_or_path))
+                 name=str(name_or_path), eos_token_ids=read_eos_ids(directory))
 
 
 def run(

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--pair", metavar="TEXT2",
                         help="BERT sentence pair: run [CLS] TEXT [SEP] TEXT2 [SEP] with segment ids 0 / 1")
     report.add_argument("--compare", metavar="TEXT2", help="also compare with this second text")
+    report.add_argument("--generate", type=int, metavar="N", help="decoders: also continue the text for N tokens "
+                        "and show what each new token read, and how much went to each prompt span")
+    report.add_argument("--system", metavar="TEXT", help="with --generate: a system prompt before the text")
     report.add_argument("--model-b", help="also compare with this second model (same architecture)")
     report.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="parameter dtype of a Llama-like decoder (default float32, exact parity; "
@@ -214,6 +217,10 @@ def run_report(args) -> int:
     if args.pair is not None and args.compare is not None:
         raise InputError("--pair and --compare cannot be combined: --compare takes one text; compare the pair "
                          "with another checkpoint through --model-b, or drop --pair.")
+    if args.generate is not None and args.generate < 1:
+        raise InputError(f"--generate {args.generate}: give a positive number of tokens.")
+    if args.system is not None and args.generate is None:
+        raise InputError("--system is a system prompt for --generate; add --generate N.")
     token = None if args.token is None else (int(args.token) if args.token.strip().lstrip("-").isdigit()
                                               else args.token)
 
@@ -254,8 +261,8 @@ def run_report(args) -> int:
                          f"{model.config.max_positions} positions.")
     try:
         report = build_report(model, text, pair=args.pair, compare_text=args.compare, model_b=model_b,
-                              max_length=args.max_length,
-                              token=token, scheme=args.scheme, scale=args.scale, progress=args.progress)
+                              max_length=args.max_length, token=token, scheme=args.scheme, scale=args.scale,
+                              progress=args.progress, generate=args.generate, system=args.system)
     except ReportInputError as error:
         raise InputError(str(error)) from None
     timings.update(report.timings)

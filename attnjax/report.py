@@ -185,6 +185,8 @@ def build_report(
     scale: str = "linear",
     progress: Optional[bool] = None,
     on_stage: Optional[Callable[[str], None]] = None,
+    generate: Optional[int] = None,
+    system: Optional[str] = None,
 ) -> Report:
     """Run ``model`` on ``text`` and build the report (see the module docstring).
 
@@ -195,7 +197,9 @@ def build_report(
     max_length: truncate to this many tokens (over-long text is an error without it).
     token: position (int) or token text for the token-flow chart. progress: show a
     progress bar (default: for inputs over LONG_INPUT_TOKENS tokens). on_stage:
-    called with each stage's name as it starts.
+    called with each stage's name as it starts. generate: also continue the text for this
+    many tokens and add the generation sections (decoders; attnjax.report_generation),
+    with ``system`` as a system prompt.
     """
     if not isinstance(text, str) or not text.strip():
         raise ReportInputError("The text is empty; give some words with --text or --file.")
@@ -224,12 +228,23 @@ def build_report(
                                f"pass max_length (--max-length {limit}) to truncate it.")
     n_used = min(n_tokens, max_length) if max_length is not None else n_tokens
     show_progress = n_used > LONG_INPUT_TOKENS if progress is None else progress
-    stages = Stages(7 + comparing, progress=show_progress, on_stage=on_stage)
+    if generate is not None and not is_decoder(model.family):
+        raise ReportInputError(f"--generate needs a decoder (GPT-2 or a Llama-like model); {model.name or model.family}"
+                               f" is a {model.family} encoder, which predicts no next token.")
+    stages = Stages(7 + comparing + (generate is not None), progress=show_progress, on_stage=on_stage)
     stages.timings.update(load_timings)
     try:
         results = _analyse(model, model_b, text, pair, compare_text, max_length, token, n_used, stages)
         with stages.stage("charts"):
             blocks = _blocks(results, scheme, scale)
+        if generate is not None:
+            with stages.stage("generation"):
+                from attnjax.report_generation import generation_sections
+
+                try:
+                    blocks += generation_sections(model, text, generate, system)
+                except ValueError as error:
+                    raise ReportInputError(str(error)) from None
     finally:
         stages.close()
     summary = {

@@ -47,7 +47,8 @@ class Tokenizer:
 
     def __init__(self, backend, special_tokens: Dict[str, Optional[str]],
                  extra_special_tokens: Sequence[str] = (), *, model_max_length: Optional[int] = None,
-                 clean_up_tokenization_spaces: bool = False, name_or_path: str = ""):
+                 clean_up_tokenization_spaces: bool = False, name_or_path: str = "",
+                 chat_template: Optional[str] = None):
         self.backend = backend
         # The library's own settings would change results; attnjax pads and truncates itself.
         self.backend.no_padding()
@@ -57,6 +58,7 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
         self.name_or_path = name_or_path
+        self.chat_template = chat_template  # Jinja source (attnjax.chat renders it), or None
 
     @classmethod
     def from_directory(cls, directory) -> "Tokenizer":
@@ -84,7 +86,7 @@ class Tokenizer:
         return cls(backend, special, [token_content(t) for t in extra],
                    model_max_length=int(max_length) if max_length is not None else None,
                    clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False),
-                   name_or_path=str(directory))
+                   name_or_path=str(directory), chat_template=read_chat_template(directory, config))
 
     # -- special tokens -------------------------------------------------------------------
 
@@ -186,6 +188,19 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(name_or_path={self.name_or_path!r}, vocab_size={len(self)}, "
                 f"special_tokens={self.special_tokens_map})")
+
+
+def read_chat_template(directory: Path, config: dict) -> Optional[str]:
+    """The checkpoint's chat template: chat_template.jinja, which overrides tokenizer_config's
+    "chat_template" (a string, or named templates of which "default" is used), as transformers."""
+    path = directory / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def clean_up_tokenization(text: str) -> str:

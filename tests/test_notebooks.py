@@ -18,7 +18,10 @@ WRITES = {
     "quickstart.ipynb": ("taxonomy.html",),
     "long_context.ipynb": ("long_context_heads.html", "long_context_overview.html"),
     "corpus_profile.ipynb": ("corpus_profile.html",),
+    "generation.ipynb": ("generation_view.html", "generation_spans.html"),
 }
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def code_cells(path: Path):
@@ -40,6 +43,14 @@ def small_sizes(name: str, directory: Path, monkeypatch) -> None:
     if name == "corpus_profile.ipynb":
         monkeypatch.setenv("ATTNJAX_CORPUS_SIZE", "24")
         monkeypatch.setenv("ATTNJAX_SENTENCES", "1")  # one length bucket: one compile
+    if name == "generation.ipynb":  # a tiny Llama with a chat template, 8 new tokens
+        from tests.tiny_decoders import tiny_decoder
+
+        model_dir = directory / "tiny-chat-llama"
+        tiny_decoder(model_dir, "llama-gqa-llama3", max_position_embeddings=256)
+        (model_dir / "chat_template.jinja").write_text(CHATML)
+        monkeypatch.setenv("ATTNJAX_MODEL", str(model_dir))
+        monkeypatch.setenv("ATTNJAX_NEW_TOKENS", "8")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

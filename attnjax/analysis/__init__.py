@@ -12,6 +12,7 @@ Cross-layer tracking       rollout, rollout_frame, attention_flow, token_flow,
 Similarity                 layer_similarity, head_similarity  (similarity.py)
 Anomalies                  detect_anomalies                   (anomalies.py)
 Comparisons                compare                            (compare.py)
+Prompt spans               span_attention, span_mass_by_step  (spans.py)
 
 Rows that describe a whole layer, or the mean over heads, carry head = -1 (ALL_HEADS).
 """
@@ -22,6 +23,7 @@ from attnjax.analysis.compare import compare
 from attnjax.analysis.flow import attention_flow, focus_by_layer, rollout, rollout_frame, token_flow
 from attnjax.analysis.scores import SCORE_COLUMNS, head_scores
 from attnjax.analysis.similarity import METRICS, head_similarity, layer_similarity
+from attnjax.analysis.spans import span_attention, span_mass_by_step
 from attnjax.analysis.taxonomy import CATEGORIES, HeadThresholds, classify_heads
 
 __all__ = [
@@ -29,5 +31,5 @@ __all__ = [
     "SCORE_COLUMNS", "SEP_TOKENS", "AnomalyThresholds", "HeadThresholds",
     "attention_flow", "classify_heads", "compare", "detect_anomalies", "focus_by_layer",
     "head_scores", "head_similarity", "layer_similarity", "rollout", "rollout_frame",
-    "token_flow",
+    "span_attention", "span_mass_by_step", "token_flow",
 ]

@@ -390,6 +390,26 @@ def load_tokenizer(directory: Path):
         ) from None
 
 
+def read_eos_ids(directory: Path) -> Tuple[int, ...]:
+    """The token ids that end a generation, as transformers' generate reads them:
+    generation_config.json's eos_token_id when the file sets one, else config.json's
+    (an int or a list; Llama 3 chat models list several). () when neither names one."""
+    ids = None
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if ids is None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(data, dict):
+                ids = data.get("eos_token_id")
+                if ids is None and isinstance(data.get("text_config"), dict):
+                    ids = data["text_config"].get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else (ids or [])
+    return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
 def load_directory(directory: Path, dtype: str = "float32"):
     """(family, config, params, tokenizer) from a local Hugging Face directory."""
     hf = read_config(directory)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from attnjax.models.attention import AttentionImpl, attend
+from attnjax.models import kv_cache
 from attnjax.models.common import (
     MATMUL_PRECISION,
     Dense,
@@ -120,7 +121,7 @@ class GPT2Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, mask, capture: Capture, record: bool, impl: AttentionImpl):
+    def __call__(self, x, mask, capture: Capture, record: bool, impl: AttentionImpl, cache=None, offset=0):
         c = self.config
         batch, seq_len, _ = x.shape
         qkv = Dense(3 * c.n_embd, name="c_attn")(x)  # (B, T, 3D)
@@ -128,10 +129,16 @@ class GPT2Attention(nn.Module):
             t.reshape(batch, seq_len, c.n_head, c.head_dim)  # (B, T, N, H)
             for t in jnp.split(qkv, 3, axis=-1)
         )
-        out, records = attend(
-            q, k, v, mask, causal=True, scale=c.attention_scale(self.layer),
-            capture=capture, record=record, impl=impl,
-        )
+        if cache is None:
+            out, records = attend(
+                q, k, v, mask, causal=True, scale=c.attention_scale(self.layer),
+                capture=capture, record=record, impl=impl,
+            )
+        else:  # generation: positions offset.., keys and values from the cache (kv_cache.py)
+            cache = kv_cache.write(cache, k, v, offset)
+            out, records = kv_cache.attend_cached(q, cache, offset, mask, scale=c.attention_scale(self.layer),
+                                                  capture=capture, record=record)
+            records[kv_cache.RECORD] = cache
         projected = Dense(c.n_embd, name="c_proj")(out.reshape(batch, seq_len, c.n_embd))  # (B, T, D)
         if record and capture.attention_output:
             records["attention_output"] = projected
@@ -155,10 +162,10 @@ class GPT2Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, mask, capture, record, impl):
+    def __call__(self, x, mask, capture, record, impl, cache=None, offset=0):
         c = self.config
         attended, records = GPT2Attention(c, self.layer, name="attn")(
-            LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")(x), mask, capture, record, impl
+            LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")(x), mask, capture, record, impl, cache, offset
         )
         x = x + attended  # (B, T, D)
         x = x + GPT2MLP(c, name="mlp")(LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2")(x))
@@ -172,29 +179,37 @@ class GPT2Module(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, mask, token_type_ids, capture: Capture, recorded_layers,
-                 impl: AttentionImpl = "auto", inputs_embeds=None, logits: str = "all"):
+                 impl: AttentionImpl = "auto", inputs_embeds=None, logits: str = "all", cache=None, offset=0):
+        """With ``cache`` (kv_cache.empty_cache's per-layer buffers) the tokens sit at positions
+        offset.., attend over the cache, and the updated cache is returned as a fourth value."""
         del token_type_ids  # GPT-2 has no segment embeddings
         c = self.config
         seq_len = input_ids.shape[1]
         wte = nn.Embed(c.vocab_size, c.n_embd, name="wte")
         if inputs_embeds is None:
             inputs_embeds = wte(input_ids)  # (B, T, D)
-        positions = nn.Embed(c.n_positions, c.n_embd, name="wpe")(jnp.arange(seq_len))  # (T, D)
+        positions = nn.Embed(c.n_positions, c.n_embd, name="wpe")(offset + jnp.arange(seq_len))  # (T, D)
         x = inputs_embeds + positions[None]  # (B, T, D)
         hidden_states = [x]
-        records = []
+        records, new_cache = [], []
         for i in range(c.n_layer):
-            x, layer_records = GPT2Block(c, i, name=f"h_{i}")(x, mask, capture, i in recorded_layers, impl)
+            x, layer_records = GPT2Block(c, i, name=f"h_{i}")(
+                x, mask, capture, i in recorded_layers, impl, None if cache is None else cache[i], offset)
+            if cache is not None:
+                new_cache.append(layer_records.pop(kv_cache.RECORD))
             hidden_states.append(x)
             if i in recorded_layers:
                 records.append(layer_records)
         last = LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")(x)  # (B, T, D)
         head_input = lm_head_input(last, mask, logits)  # (B, [T,] D), or None: no (T, V) array at all
         if head_input is None:
-            return GPT2Output(logits=None, last_hidden_state=last), hidden_states, records
-        if c.tie_word_embeddings:
+            lm_logits = None
+        elif c.tie_word_embeddings:
             lm_logits = jnp.einsum("...D,VD->...V", head_input, wte.embedding,
                                    precision=MATMUL_PRECISION)  # (B, [T,] V)
         else:
             lm_logits = Dense(c.vocab_size, use_bias=False, name="lm_head")(head_input)  # (B, [T,] V)
-        return GPT2Output(logits=lm_logits, last_hidden_state=last), hidden_states, records
+        output = GPT2Output(logits=lm_logits, last_hidden_state=last)
+        if cache is not None:
+            return output, hidden_states, records, tuple(new_cache)
+        return output, hidden_states, records

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from attnjax.models import kv_cache
 from attnjax.models.attention import AttentionImpl, attend
 from attnjax.models.common import (
     LLAMA_FAMILIES,
@@ -292,7 +293,8 @@ class LlamaAttention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, capture: Capture, record: bool, impl: AttentionImpl):
+    def __call__(self, x, cos, sin, mask, capture: Capture, record: bool, impl: AttentionImpl,
+                 cache=None, offset=0):
         c = self.config
         batch, seq_len, _ = x.shape
         q = make_dense(c, c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x)  # (B, T, Nq*H)
@@ -306,10 +308,15 @@ class LlamaAttention(nn.Module):
             k = make_norm(c, "k_norm")(k)
         q = apply_rotary(q, cos, sin)  # (B, T, Nq, H)
         k = apply_rotary(k, cos, sin)  # (B, T, Nkv, H)
-        out, records = attend(
-            q, k, v, mask, causal=True, scale=c.attention_scale, capture=capture, record=record,
-            impl=impl, window=c.windows[self.layer], softcap=c.attn_logit_softcapping,
-        )  # (B, T, Nq, H)
+        options = dict(window=c.windows[self.layer], softcap=c.attn_logit_softcapping)
+        if cache is None:
+            out, records = attend(q, k, v, mask, causal=True, scale=c.attention_scale, capture=capture,
+                                  record=record, impl=impl, **options)  # (B, T, Nq, H)
+        else:  # generation: positions offset.., keys and values from the cache (kv_cache.py)
+            cache = kv_cache.write(cache, k, v, offset)
+            out, records = kv_cache.attend_cached(q, cache, offset, mask, scale=c.attention_scale, capture=capture,
+                                                  record=record, **options)  # (B, T, Nq, H)
+            records[kv_cache.RECORD] = cache
         out = out.astype(x.dtype).reshape(batch, seq_len, c.num_heads * c.head_dim)  # (B, T, Nq*H)
         return make_dense(c, c.hidden_size, c.o_bias, "o_proj")(out), records  # (B, T, D)
 
@@ -336,10 +343,10 @@ class LlamaDecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, capture, record, impl):
+    def __call__(self, x, cos, sin, mask, capture, record, impl, cache=None, offset=0):
         c = self.config
         attended, records = LlamaAttention(c, self.layer, name="self_attn")(
-            make_norm(c, "input_layernorm")(x), cos, sin, mask, capture, record, impl
+            make_norm(c, "input_layernorm")(x), cos, sin, mask, capture, record, impl, cache, offset
         )  # (B, T, D)
         if c.sandwich_norms:
             attended = make_norm(c, "post_attention_layernorm")(attended)
@@ -359,7 +366,10 @@ class LlamaModule(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, mask, token_type_ids, capture: Capture, recorded_layers,
-                 impl: AttentionImpl = "auto", inputs_embeds=None, logits: str = "all"):
+                 impl: AttentionImpl = "auto", inputs_embeds=None, logits: str = "all", cache=None, offset=0):
+        """With ``cache`` (kv_cache.empty_cache's per-layer buffers) the tokens sit at positions
+        offset.. (RoPE included), attend over the cache, and the updated cache is returned
+        as a fourth value."""
         del token_type_ids  # no segment embeddings
         c = self.config
         dtype = c.compute_dtype
@@ -371,13 +381,15 @@ class LlamaModule(nn.Module):
                 x = x * jnp.asarray(math.sqrt(c.hidden_size), jnp.float32).astype(embed.embedding.dtype)
         else:  # transformers adds no scale to inputs_embeds
             x = jnp.asarray(inputs_embeds).astype(dtype)  # (B, T, D)
-        cos, sin = rotary_tables(inverse_frequencies(c.rope, c.head_dim), seq_len, dtype)  # (T, H) each
+        cos, sin = rotary_tables(inverse_frequencies(c.rope, c.head_dim), seq_len, dtype, offset)  # (T, H) each
         hidden_states = [x]
-        records = []
+        records, new_cache = [], []
         for i in range(c.num_layers):
             x, layer_records = LlamaDecoderLayer(c, i, name=f"layers_{i}")(
-                x, cos, sin, mask, capture, i in recorded_layers, impl
+                x, cos, sin, mask, capture, i in recorded_layers, impl, None if cache is None else cache[i], offset
             )
+            if cache is not None:
+                new_cache.append(layer_records.pop(kv_cache.RECORD))
             hidden_states.append(x)
             if i in recorded_layers:
                 records.append(layer_records)
@@ -393,4 +405,7 @@ class LlamaModule(nn.Module):
             if c.final_logit_softcapping is not None:
                 cap = c.final_logit_softcapping
                 lm_logits = jnp.tanh(lm_logits / cap) * cap
-        return LlamaOutput(logits=lm_logits, last_hidden_state=last), hidden_states, records
+        output = LlamaOutput(logits=lm_logits, last_hidden_state=last)
+        if cache is not None:
+            return output, hidden_states, records, tuple(new_cache)
+        return output, hidden_states, records

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ class Model:
     params: Any
     tokenizer: Any = None
     name: str = ""
+    eos_token_ids: Tuple[int, ...] = ()  # what ends a generation (checkpoints.read_eos_ids)
 
     @property
     def module(self):

@@ -154,13 +154,14 @@ def llama3_frequencies(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(f32)
 
 
-def rotary_tables(inv_freq: np.ndarray, seq_len: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin (T, head_dim) for positions 0..T-1, cast to the activations' dtype.
+def rotary_tables(inv_freq: np.ndarray, seq_len: int, dtype, offset=0) -> tuple[jax.Array, jax.Array]:
+    """cos and sin (T, head_dim) for positions offset..offset+T-1, cast to the activations' dtype.
 
     Positions are 0..T-1 whatever the mask (transformers' default position_ids, right
-    for right-padded batches).
+    for right-padded batches); a cached generation step passes its offset (an int or a
+    traced scalar), as transformers' cache_position does.
     """
-    positions = jnp.arange(seq_len, dtype=jnp.float32)  # (T,)
+    positions = jnp.arange(seq_len, dtype=jnp.float32) + offset  # (T,)
     angles = positions[:, None] * jnp.asarray(inv_freq)[None, :]  # (T, d/2)
     angles = jnp.concatenate([angles, angles], axis=-1)  # (T, d)
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)

@@ -19,6 +19,7 @@ from attnjax.viz.frames import (
     next_token_frames,
     token_frame,
 )
+from attnjax.viz.generation import generation_frames, generation_view, span_mass_chart
 from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
 from attnjax.viz.html import save_html, save_image, to_html
 from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
@@ -26,7 +27,8 @@ from attnjax.viz.next_token import next_token_explorer
 
 __all__ = [
     "HEATMAP_MAX_TOKENS", "OVERVIEW_MAX_WEIGHTS", "anomaly_chart", "attention_frame",
-    "attention_heatmap", "comparison_chart", "focus_chart", "layer_similarity_chart",
+    "attention_heatmap", "comparison_chart", "focus_chart", "generation_frames", "generation_view",
+    "layer_similarity_chart", "span_mass_chart",
     "model_overview", "next_token_explorer", "next_token_frames", "save_html", "save_image",
     "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
     "corpus_anomaly_chart", "corpus_focus", "spread_chart", "stability_chart",
