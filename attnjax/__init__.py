@@ -19,8 +19,16 @@ from attnjax.trace import Capture, Trace
 
 __version__ = "0.1.0"
 
+
+def explore(model, text=None, **options):
+    """Interactive attention explorer for notebooks (attnjax.explorer.explore; needs ipywidgets)."""
+    from attnjax.explorer import DEFAULT_TEXT, explore as _explore  # lazy: pulls in Altair and pandas
+
+    return _explore(model, DEFAULT_TEXT if text is None else text, **options)
+
+
 __all__ = [
     "AttentionStats", "Batch", "Capture", "CheckpointError", "Model", "Trace",
-    "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
+    "UnsupportedConfigError", "enable_compilation_cache", "explore", "load", "run", "tokenize",
     "is_decoder", "tune_host_allocator",
 ]
