@@ -49,8 +49,10 @@ MADE_BY = "attnjax.viz.attention_frame(trace)"
 
 
 def _cell_size(count: int, target: int, largest: int = 28) -> float:
-    """Pixels per token: the map is ``target`` px wide, or smaller for a short input."""
-    return float(min(largest, target / max(count, 1)))
+    """Pixels per token: the map is about ``target`` px wide, or smaller for a short input.
+    Whole pixels from 2 px up, so that cell edges fall on pixels (no hairline seams)."""
+    cell = min(largest, target / max(count, 1))
+    return float(int(cell)) if cell >= 2 else float(cell)
 
 
 def zoom_axes(n_q: int, n_k: int, q_labels: str, k_labels: str, fields=("query_index", "key_index")):
@@ -203,7 +205,7 @@ def model_overview(
             domain = weight_range(head_map, scale) or [0.0, 1.0]
             info[f"{int(layer)},{int(head)}"] = {
                 "low": float(f"{domain[0]:.4g}"), "high": float(f"{domain[1]:.4g}"),
-                "text": f"{name}s {low[li, hi]:.3g}\u2013{high[li, hi]:.3g}" + (
+                "text": f"{'range' if pooled else 'weights'} {low[li, hi]:.3g}\u2013{high[li, hi]:.3g}" + (
                     f" \u00b7 \u2248 near-uniform (within {deviation[li, hi]:.3f} of uniform)" if uniform else "")}
     grid = pd.DataFrame(grid_rows)
     tooltip = [alt.Tooltip("layer:O"), alt.Tooltip("head:O"),
