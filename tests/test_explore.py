@@ -5,6 +5,7 @@ is wired to them, and without ipywidgets the explorer says how to install it."""
 from __future__ import annotations
 
 import builtins
+import json
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ def explorer(minilm):
 
 def rows(spec: dict, data: dict) -> list:
     """The rows of a spec's data reference (Altair moves inline data to ``datasets``)."""
-    return spec["datasets"][data["name"]] if "name" in data else data["values"]
+    found = spec["datasets"][data["name"]] if "name" in data else data["values"]
+    return json.loads(found) if isinstance(found, str) else found  # format: json (viz.common.inline_json)
 
 
 def heatmap_cells(chart) -> list:

@@ -82,7 +82,8 @@ def test_near_uniform_head_is_marked_and_a_peaked_one_is_not():
     # The overview marks the same head on its grid, and names it in the large view's title.
     spec = chart_spec(viz.model_overview(long_frame(np.stack([flat[:64, :64] / flat[:64, :64].sum(1, keepdims=True),
                                                               peaked_map(64)])[None])))
-    grid = next(rows for rows in spec["datasets"].values() if rows and "marker" in rows[0])
+    tables = [json.loads(rows) if isinstance(rows, str) else rows for rows in spec["datasets"].values()]
+    grid = next(rows for rows in tables if rows and "marker" in rows[0])
     assert [row["marker"] for row in grid] == ["\u2248", ""]
     info = next(p["value"] for p in spec["params"] if p["name"] == "overview_heads")
     assert "near-uniform" in info["0,0"]["text"] and "near-uniform" not in info["0,1"]["text"]

@@ -29,6 +29,7 @@ from attnjax.viz.common import (
     colour_legend,
     colour_scale,
     inline,
+    inline_json,
     is_pooled,
     label_expr,
     label_param,
@@ -129,7 +130,7 @@ def attention_heatmap(
     subtitle = [pooled_note(frame), near_uniform_note(float(uniform_deviation(weights))),
                 "rows: query (from) \u00b7 columns: key (to) \u00b7 " + ZOOM_HINT]
     chart = (
-        alt.Chart(inline(cells), width=round(cell * len(keys)), height=round(cell * len(queries)),
+        alt.Chart(inline_json(cells), width=round(cell * len(keys)), height=round(cell * len(queries)),
                   title=title(f"Attention{' (block means)' if pooled else ''}, layer {layer} head {head}", subtitle))
         .transform_lookup(lookup="query", from_=alt.LookupData(inline(q_table), "position", ["token", "index"]),
                           as_=["query_token", "query_index"])
@@ -230,7 +231,7 @@ def model_overview(
         value=[{"layer": first_layer, "head": first_head}],
         bind={"layer": _binding(layer_ids, "layer "), "head": _binding(head_ids, "head ")},
     )
-    base = alt.Chart(inline(grid), width=n_heads * cell, height=n_layers * cell)
+    base = alt.Chart(inline_json(grid), width=n_heads * cell, height=n_layers * cell)
     position = dict(x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
                     y=alt.Y("layer:O", title="layer"))
     images = base.mark_image(width=cell - 2, height=cell - 2, aspect=False).encode(url="image:N", **position)
@@ -261,7 +262,7 @@ def model_overview(
         colour = alt.Scale(scheme=scheme, nice=False, domain=domain,
                            **({"type": "log"} if scale == "log" else {"zero": False}))
     detail = (
-        alt.Chart(inline(code_rows), width=round(detail_cell * n_k), height=round(detail_cell * n_q),
+        alt.Chart(inline_json(code_rows), width=round(detail_cell * n_k), height=round(detail_cell * n_q),
                   title=alt.TitleParams(
                       text=alt.ExprRef(expr=f"'{'Block means, layer ' if pooled else 'Layer '}' + head_select_layer"
                                             f" + ', head ' + head_select_head + ' \u00b7 ' + {key}.text"),
@@ -272,9 +273,9 @@ def model_overview(
         .transform_flatten(["cell"])
         .transform_calculate(query="floor(datum.cell / datum.n_k)", key="datum.cell % datum.n_k", weight=decode)
         .transform_calculate(**calculations, **colour_calculation(scale))
-        .transform_lookup(lookup="query", from_=alt.LookupData(inline(full_q), "index", ["token"]),
+        .transform_lookup(lookup="query", from_=alt.LookupData(inline_json(full_q), "index", ["token"]),
                           as_=["query_token"])
-        .transform_lookup(lookup="key", from_=alt.LookupData(inline(full_k), "index", ["token"]),
+        .transform_lookup(lookup="key", from_=alt.LookupData(inline_json(full_k), "index", ["token"]),
                           as_=["key_token"])
         .mark_rect()
         .encode(
