@@ -31,9 +31,9 @@ from attnjax.analysis import classify_heads, head_scores
 from attnjax.api import run
 from attnjax.tokenize import tokenize
 from attnjax.trace import Capture
-from attnjax.viz.attention import attention_heatmap, model_overview
+from attnjax.viz.attention import attention_heatmap, overview_from_maps
 from attnjax.viz.common import SCALES, check_scale, check_scheme
-from attnjax.viz.frames import HEATMAP_MAX_TOKENS, OVERVIEW_MAX_WEIGHTS, attention_frame
+from attnjax.viz.frames import HEATMAP_MAX_TOKENS, OVERVIEW_MAX_WEIGHTS, attention_frame, sequence_tokens
 
 DEFAULT_TEXT = "The cat sat on the mat. Then the cat saw a dog."
 WIDGETS_MISSING = ("attnjax.explore needs ipywidgets for its text box and selectors (Jupyter and Colab "
@@ -73,7 +73,6 @@ class Explorer:
         self.heads: Optional[pd.DataFrame] = None
         self.message = ""
         self.timings: Dict[str, float] = {}
-        self._frame: Optional[pd.DataFrame] = None
         self._views: Dict[str, object] = {}
         self._on_change = []
         if not self.set_text(text):
@@ -116,7 +115,7 @@ class Explorer:
         ran = time.perf_counter()
         heads = classify_heads(head_scores(trace))
         analysed = time.perf_counter()
-        self.text, self.trace, self.heads, self._frame = text, trace, heads, None
+        self.text, self.trace, self.heads = text, trace, heads
         self.layer, self.head = min(self.layer, self.num_layers - 1), min(self.head, self.num_heads - 1)
         self.message = ""
         self.timings = {"run": (ran - started) * 1e3, "analyses": (analysed - ran) * 1e3}
@@ -195,11 +194,14 @@ class Explorer:
             self.message = (f"The overview is left out: {self.num_tokens} tokens is over its budget for this "
                             "model size; the heatmap shows the selected head.")
             return None
-        if self._frame is None:
-            self._frame = attention_frame(self.trace)
+        positions, tokens = sequence_tokens(self.trace)
+        attention = np.asarray(self.trace.attention[:, 0])                     # (L, H, T, T)
+        maps = attention[:, :, positions][:, :, :, positions]                  # (L, H, n, n)
+        layers = list(self.trace.layers) or list(range(self.num_layers))
         with alt.utils.schemapi.debug_mode(False):
-            chart = model_overview(self._frame, scores=self.heads, scheme=self.scheme, scale=self.scale,
-                                   start=(self.layer, self.head))
+            chart = overview_from_maps(maps, layers, range(self.num_heads), tokens, tokens, scores=self.heads,
+                                       scheme=self.scheme, scale=self.scale,
+                                       start=(layers[self.layer], self.head))
         chart.to_dict()
         return chart
 

@@ -134,3 +134,14 @@ def test_a_bad_first_text_is_a_clear_error(minilm):
         attnjax.explore(minilm, "")
     with pytest.raises(ValueError, match="no layer 9"):
         attnjax.explore(minilm, "Hello.", layer=9)
+
+
+def test_the_explorers_overview_is_model_overview_of_the_trace(explorer):
+    # The explorer builds the overview from the maps directly (no 1.2M-row frame); it
+    # must be the very spec model_overview draws from attention_frame.
+    from attnjax import viz
+
+    explorer.set_layer(3)
+    explorer.set_text("She went home.")
+    expected = viz.model_overview(viz.attention_frame(explorer.trace), scores=explorer.heads, start=(3, 2))
+    assert explorer.overview().to_dict() == expected.to_dict()
