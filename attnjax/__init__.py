@@ -33,9 +33,17 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attnjax' has no attribute {name!r}")
 
+
+def explore(model, text=None, **options):
+    """Interactive attention explorer for notebooks (attnjax.explorer.explore; needs ipywidgets)."""
+    from attnjax.explorer import DEFAULT_TEXT, explore as _explore  # lazy: pulls in Altair and pandas
+
+    return _explore(model, DEFAULT_TEXT if text is None else text, **options)
+
+
 __all__ = [
     "AttentionStats", "Batch", "Capture", "CheckpointError", "Generation", "Model", "Trace",
-    "UnsupportedConfigError", "enable_compilation_cache", "load", "run", "tokenize",
-    "is_decoder", "tune_host_allocator", "data_mesh", "profile", "skipped_texts",
-    "generate", "spans_from_chat", "spans_from_text",
+    "UnsupportedConfigError", "data_mesh", "enable_compilation_cache", "explore", "generate", "is_decoder",
+    "load", "profile", "run", "skipped_texts", "spans_from_chat", "spans_from_text", "tokenize",
+    "tune_host_allocator",
 ]

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the end: -1 is the last token) or the token's text")
     report.add_argument("--scheme", default="viridis", choices=("viridis", "plasma", "magma", "inferno", "cividis"),
                         help="colour scheme of the attention maps")
-    report.add_argument("--scale", default="linear", choices=("linear", "log", "quantile"),
-                        help="colour scale of the attention maps")
+    report.add_argument("--scale", default="linear", choices=("linear", "log", "quantile", "absolute"),
+                        help="colour scale of the attention maps (absolute: fixed 0-1)")
     report.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: on for inputs over 256 tokens)")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -423,8 +423,10 @@ def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
                                     f"size, so it shows {POOL_BINS} x {POOL_BINS} pooled maps (block means from "
                                     "the streaming statistics)."))
     blocks += [
-        Block("note", "Each thumbnail is one head (rows: queries, columns: keys), coloured relative to its own "
-                      "maximum. Click one, or use the sliders, to open it large; hover for tokens and weights."),
+        Block("note", "Each thumbnail is one head (rows: queries, columns: keys), coloured "
+                      + ("on a fixed 0-1 scale" if scale == "absolute" else "relative to its own maximum")
+                      + "; \u2248 marks a near-uniform head. Click one, or use the sliders, to open it large; "
+                      "hover for tokens and weights."),
         Block("chart", model_overview(frame, scores=r.heads, scheme=scheme, scale=scale)),
         Block("h2", "Head taxonomy", anchor="taxonomy"),
         Block("note", "Each head gets one category from its scores (Clark et al. 2019 thresholds, counted as a "

@@ -52,7 +52,8 @@ def n_tokens(trace) -> int:
 
 def datasets(spec: dict) -> dict:
     """Top-level named datasets of a spec (Altair consolidates inline data there)."""
-    return spec.get("datasets", {})
+    return {name: json.loads(rows) if isinstance(rows, str) else rows  # format: json (viz.common.inline_json)
+            for name, rows in spec.get("datasets", {}).items()}
 
 
 def units(spec: dict, data=None):
@@ -78,7 +79,8 @@ def fields(spec: dict) -> set:
 
 def rows_of(spec: dict, unit: dict) -> list:
     name = unit.get("data", {}).get("name")
-    return datasets(spec)[name] if name else unit["data"]["values"]
+    rows = datasets(spec)[name] if name else unit["data"]["values"]
+    return json.loads(rows) if isinstance(rows, str) else rows
 
 
 # --- weight codes ---------------------------------------------------------------------

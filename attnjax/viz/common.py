@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -11,11 +12,16 @@ import pandas as pd
 
 from attnjax.viz.images import SCHEMES
 
-SCALES = ("linear", "log", "quantile")
+SCALES = ("linear", "log", "quantile", "absolute")
 LOG_FLOOR = 1e-4          # weights drawn on a log scale are clipped up to this
 QUANTILE_COLOURS = 9      # colours of a quantile scale
 SIGNIFICANT_DIGITS = 4    # digits kept for floats written into a spec
 CANVAS_ABOVE_MARKS = 4096  # charts with more marks than this render on a canvas
+# A head is "near-uniform" when every query row is within this total-variation distance
+# of the uniform distribution over its visible keys (uniform_deviation): at most 10 % of
+# any row's attention is placed differently from spreading it evenly.
+NEAR_UNIFORM_TV = 0.1
+ZOOM_HINT = "scroll to zoom, drag to pan, double-click to reset; hover a cell for its tokens"
 
 
 # Characters XML (so SVG) cannot hold, or that draw as nothing, shown visibly instead:
@@ -111,19 +117,104 @@ def inline(frame_or_rows: Any, columns: Optional[Sequence[str]] = None) -> alt.I
         rows = records(frame_or_rows, columns)
     else:
         rows = [{k: _plain_value(v) if isinstance(v, str) else v for k, v in row.items()} for row in frame_or_rows]
-    return alt.InlineData(values=rows)
+    # The rows are plain JSON values made here; Altair's per-row schema validation at
+    # construction would cost about 2 s for a 128-token heatmap (the whole spec is
+    # still validated once by to_dict).
+    with alt.utils.schemapi.debug_mode(False):
+        return alt.InlineData(values=rows)
+
+
+def inline_json(frame: Any, columns: Optional[Sequence[str]] = None) -> alt.InlineData:
+    """Inline data carried as one JSON string (Vega parses it: ``format: json``).
+
+    For big tables (a heatmap's cells, the overview's grid): Altair deep-copies row
+    dicts each time a chart is composed, copied or converted (~0.3 s for a MiniLM
+    overview); a string is copied by reference. The rows are those of ``records`` (so text is made visible).
+    """
+    rows = records(frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(list(frame)), columns)
+    text = json.dumps(rows, separators=(",", ":"), allow_nan=False)
+    with alt.utils.schemapi.debug_mode(False):
+        return alt.InlineData(values=text, format={"type": "json"})
 
 
 def colour_scale(scheme: str, scale: str, domain: Optional[Sequence[float]] = None) -> alt.Scale:
-    """A colour scale over the weights present (linear), their log, or their quantiles."""
+    """A colour scale: linear over ``domain`` (the weights present: pass their [min, max]
+    so the legend's ends are the data's), log, quantile, or absolute (fixed [0, 1], so
+    near-uniform weights look alike instead of spanning the whole palette)."""
     check_scheme(scheme)
     check_scale(scale)
-    extra: Dict[str, Any] = {} if domain is None else {"domain": list(domain)}
+    if scale == "absolute":
+        return alt.Scale(scheme=scheme, domain=[0, 1], clamp=True, nice=False)
+    extra: Dict[str, Any] = {} if domain is None else {"domain": [_round(float(v)) for v in domain], "nice": False}
     if scale == "linear":
         return alt.Scale(scheme=scheme, zero=False, **extra)
     if scale == "log":
         return alt.Scale(type="log", scheme=scheme, **extra)
     return alt.Scale(type="quantile", scheme=alt.SchemeParams(name=scheme, count=QUANTILE_COLOURS))
+
+
+def weight_range(weights: np.ndarray, scale: str) -> Optional[List[float]]:
+    """The colour domain for ``weights``: [min, max] (log: clipped at LOG_FLOOR); None for
+    quantile and absolute scales, which fix their own."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if scale in ("quantile", "absolute") or weights.size == 0:
+        return None
+    low, high = float(weights.min()), float(weights.max())
+    if scale == "log":
+        low, high = max(low, LOG_FLOOR), max(high, LOG_FLOOR)
+    if high <= low:
+        high = low + 1e-6
+    return [low, high]
+
+
+def colour_legend(scale: str, weights: np.ndarray, pooled: bool = False) -> alt.Legend:
+    """A legend whose title states the actual range of the weights drawn, and for a linear
+    or log scale puts its end labels at that range's ends."""
+    weights = np.asarray(weights, dtype=np.float64)
+    name = "block mean" if pooled else "weight"
+    if weights.size == 0:
+        return alt.Legend(title=name)
+    low, high = float(weights.min()), float(weights.max())
+    lines = [name, f"range {low:.3g}\u2013{high:.3g}"]
+    if scale == "absolute":
+        lines[1] += " of 0\u20131"
+    domain = weight_range(weights, scale)
+    if domain is None:
+        return alt.Legend(title=lines)
+    return alt.Legend(title=lines, values=[_round(v) for v in domain], format=".3~g")
+
+
+def uniform_deviation(maps: np.ndarray) -> np.ndarray:
+    """How far each map is from uniform attention: (..., Q, K) -> (...).
+
+    For every query row, the total-variation distance 1/2 sum_k |w_k - 1/n| between the
+    row (renormalised to sum 1) and the uniform distribution over its n visible keys;
+    the map's value is the largest over its rows. Visible keys: all of them, or for a
+    causal map (every weight above the diagonal exactly 0) keys <= the query. A head is
+    near-uniform when this is <= NEAR_UNIFORM_TV. Rows with no weight count as 0; a map
+    with no row of two or more visible keys gets NaN (uniformity means nothing there).
+    """
+    maps = np.asarray(maps, dtype=np.float64)                                # (..., Q, K)
+    n_q, n_k = maps.shape[-2:]
+    upper = np.triu(np.ones((n_q, n_k), dtype=bool), k=1)                      # (Q, K)
+    causal = ~np.any(maps[..., upper] > 0, axis=-1)                           # (...,)
+    visible = np.where(causal[..., None, None], ~upper, True)                  # (..., Q, K)
+    count = visible.sum(axis=-1, keepdims=True)                               # (..., Q, 1)
+    total = maps.sum(axis=-1, keepdims=True)                                  # (..., Q, 1)
+    rows = np.divide(maps, total, out=np.zeros_like(maps), where=total > 0)   # (..., Q, K)
+    distance = 0.5 * np.where(visible, np.abs(rows - 1.0 / count), 0.0).sum(axis=-1)  # (..., Q)
+    distance = np.where(total[..., 0] > 0, distance, 0.0)
+    result = distance.max(axis=-1)
+    return np.where((count[..., 0] >= 2).any(axis=-1), result, np.nan)
+
+
+def near_uniform_note(deviation: float) -> Optional[str]:
+    """The chart line marking a near-uniform head, or None."""
+    if not (np.isfinite(deviation) and deviation <= NEAR_UNIFORM_TV):
+        return None
+    return (f"\u2248 near-uniform head: every row is within {deviation:.3f} (total variation) of uniform "
+            f"attention (threshold {NEAR_UNIFORM_TV}); colour differences here are noise-sized, "
+            "compare scale='absolute'")
 
 
 def colour_field(scale: str) -> str:
@@ -135,12 +226,16 @@ def colour_calculation(scale: str) -> Dict[str, str]:
     return {"weight_shown": f"max(datum.weight, {LOG_FLOOR})"} if scale == "log" else {}
 
 
+def is_pooled(frame: pd.DataFrame) -> bool:
+    return bool(frame.attrs.get("pooled")) if hasattr(frame, "attrs") else False
+
+
 def pooled_note(frame: pd.DataFrame) -> Optional[str]:
     info = frame.attrs.get("pooled") if hasattr(frame, "attrs") else None
     if not info:
         return None
-    return (f"Long input: {info['tokens']} tokens shown as a pooled {info['bins']} x {info['bins']} map "
-            f"(block means from the streaming statistics).")
+    return (f"Block means: {info['tokens']} tokens shown as a pooled {info['bins']} x {info['bins']} map; "
+            "each cell is the mean weight over a block of queries x keys, not one weight.")
 
 
 def title(text: str, subtitle: Optional[Sequence[str] | str] = None) -> alt.TitleParams:
@@ -163,7 +258,7 @@ def label_param(name: str, labels: Mapping[int, str] | Sequence[str]) -> alt.Par
 
 
 def label_expr(param_name: str) -> str:
-    return f"{param_name}[datum.value]"
+    return f"{param_name}[datum.value] || ''"
 
 
 def score_columns(frame: pd.DataFrame, exclude: Iterable[str] = ()) -> List[str]:

@@ -190,10 +190,7 @@ def maps_from_frame(frame: pd.DataFrame):
                          "build it with attnjax.viz.attention_frame(trace).")
     if frame.empty:
         raise ValueError("The attention frame is empty: nothing to draw.")
-    axes = []
-    for column in ("layer", "head", "query", "key"):
-        ids, inverse = np.unique(frame[column].to_numpy(), return_inverse=True)
-        axes.append((ids, inverse))
+    axes = [_ids_and_inverse(frame[column].to_numpy()) for column in ("layer", "head", "query", "key")]
     maps = np.zeros(tuple(len(ids) for ids, _ in axes), dtype=np.float32)    # (L, H, Q, K)
     maps[tuple(inverse for _, inverse in axes)] = frame["weight"].to_numpy(dtype=np.float32)
     labels = []
@@ -205,6 +202,20 @@ def maps_from_frame(frame: pd.DataFrame):
         else:
             labels.append(tuple(str(i) for i in ids))
     return maps, axes[0][0], axes[1][0], axes[2][0], axes[3][0], labels[0], labels[1]
+
+
+def _ids_and_inverse(values: np.ndarray):
+    """np.unique(values, return_inverse=True), in O(n) for small non-negative integers
+    (layer, head and position ids; a sort of a 1.2M-row frame costs ~30 ms a column)."""
+    if values.dtype.kind in "iu" and values.size:
+        low, high = int(values.min()), int(values.max())
+        if low >= 0 and high < 4 * values.size + 1024:
+            present = np.zeros(high + 1, dtype=bool)
+            present[values] = True
+            ids = np.flatnonzero(present).astype(values.dtype)             # sorted, unique
+            rank = np.cumsum(present) - 1                                   # id -> index
+            return ids, rank[values]
+    return np.unique(values, return_inverse=True)
 
 
 def next_token_frames(

@@ -71,6 +71,9 @@ BOOTSTRAP_JS = """\
 })();
 """
 
+# Pixels a chart may span on the report page: PAGE_CSS's max-width less its padding.
+PAGE_CONTENT_WIDTH = 1320 - 2 * 16
+
 PAGE_CSS = """\
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
        margin: 24px auto; max-width: 1320px; padding: 0 16px; }

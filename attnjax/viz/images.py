@@ -91,7 +91,7 @@ def to_levels(values: np.ndarray, scale: str = "linear", floor: float = 1e-4) ->
 
     linear: value / max; log: log(value) between ``floor`` and max; quantile: the
     rank of each value among the map's values (so one dominant column cannot wash
-    out the rest).
+    out the rest); absolute: the value itself on [0, 1] (not relative to the map).
     """
     values = np.asarray(values, dtype=np.float64)
     top = values.max() if values.size else 0.0
@@ -102,11 +102,13 @@ def to_levels(values: np.ndarray, scale: str = "linear", floor: float = 1e-4) ->
     elif scale == "log":
         low = min(floor, top)
         unit = (np.log(np.clip(values, low, top)) - np.log(low)) / max(np.log(top) - np.log(low), 1e-12)
+    elif scale == "absolute":  # the weight itself on [0, 1], not relative to the map's maximum
+        unit = np.clip(values, 0.0, 1.0)
     elif scale == "quantile":
         ranks = np.argsort(np.argsort(values, axis=None, kind="stable"), kind="stable")
         unit = (ranks / max(values.size - 1, 1)).reshape(values.shape)
     else:
-        raise ValueError(f"Unknown colour scale {scale!r}; choose 'linear', 'log' or 'quantile'.")
+        raise ValueError(f"Unknown colour scale {scale!r}; choose 'linear', 'log', 'quantile' or 'absolute'.")
     return np.round(unit * (PALETTE_SIZE - 1)).astype(np.uint8)
 
 

@@ -9,10 +9,27 @@ import numpy as np
 import pandas as pd
 
 from attnjax.viz import codes
-from attnjax.viz.common import check_scheme, inline, label_expr, label_param, require_columns, title
+from attnjax.viz.common import (
+    ZOOM_HINT,
+    check_scale,
+    check_scheme,
+    colour_calculation,
+    colour_field,
+    colour_legend,
+    colour_scale,
+    inline,
+    label_expr,
+    label_param,
+    require_columns,
+    title,
+    weight_range,
+)
 from attnjax.viz.frames import truncate
 
 MEAN_HEAD = -1  # token_flow's head index of the mean over heads
+FLOW_WIDTH = 900  # px: a token-flow panel, with its axis and legend, fits the report page (viz.html)
+MAX_CELL = 24     # px: widest key column (short inputs)
+ROW_HEIGHT = 26   # px: one layer's row
 
 
 def _pair_columns(frame: pd.DataFrame):
@@ -95,8 +112,9 @@ def focus_chart(focus: pd.DataFrame, *, width: int = 320, height: int = 180) -> 
 
 
 def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, *, position: Optional[int] = None,
-                     scheme: str = "viridis", heads: bool = False, width: int = 440) -> alt.HConcatChart:
-    """One token's attention through the layers: raw (mean over heads) beside rollout.
+                     scheme: str = "viridis", scale: str = "log", heads: bool = False,
+                     width: int = FLOW_WIDTH) -> alt.VConcatChart:
+    """One token's attention through the layers: raw (mean over heads) above rollout.
 
     raw: token_flow output (layer, head with -1 = mean, key, key_token, weight).
     rollout: rollout_frame output (layer, query, key, weight); its rows for the
@@ -104,10 +122,21 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
     panel, chosen with a dropdown. Raw rows travel as one-character codes per
     (layer, head) (attnjax.viz.codes: weights to within 5.4 %), so adding the heads
     costs about one byte per weight.
+
+    Layout for long inputs: the panels are stacked and at most ``width`` px wide
+    (FLOW_WIDTH fits the report page at any length), each layer a ROW_HEIGHT px row.
+    Both panels share one key axis that zooms and pans (scroll, drag; double-click
+    resets); labels that would overlap are thinned and come back when zoomed, and
+    every cell's tooltip names its token. scale: "log" by default, because a row is
+    one distribution over up to hundreds of keys in which a [CLS]/[SEP] sink of 0.5+
+    would leave every other key the darkest colour on a linear scale; "linear",
+    "quantile" and "absolute" as in attention_heatmap. The legends give each panel's
+    actual range.
     """
     require_columns(raw, ("layer", "head", "key", "weight"), "The token flow frame",
                     "attnjax.analysis.token_flow(trace, position)")
     check_scheme(scheme)
+    check_scale(scale)
     if position is None:
         position = int(raw["query"].iloc[0]) if "query" in raw.columns else None
     token = str(raw["query_token"].iloc[0]) if "query_token" in raw.columns else ""
@@ -115,7 +144,8 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
     key_ids = keys["key"].astype(int).tolist()
     key_tokens = (keys["key_token"].astype(str) if "key_token" in keys.columns
                   else keys["key"].astype(str)).tolist()
-    labels = label_param("flow_key_labels", {k: truncate(t) for k, t in zip(key_ids, key_tokens)})
+    n_keys = len(key_ids)
+    labels = label_param("flow_key_labels", [truncate(t) for t in key_tokens])
     key_table = inline([{"index": i, "key": k, "token": t} for i, (k, t) in enumerate(zip(key_ids, key_tokens))])
     shown = raw if heads else raw[raw["head"] == MEAN_HEAD]
     if shown.empty:
@@ -123,28 +153,35 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
     column_of = {k: i for i, k in enumerate(key_ids)}
     code_rows = []
     for (layer, head), rows in shown.groupby(["layer", "head"], sort=True):
-        weights = np.zeros(len(key_ids))
+        weights = np.zeros(n_keys)
         weights[[column_of[int(k)] for k in rows["key"]]] = rows["weight"].to_numpy(dtype=np.float64)
         code_rows.append({"layer": int(layer), "head": int(head), "codes": codes.encode(weights)})
-    step = max(3, min(24, width // max(len(key_ids), 1)))
-    x = alt.X("key:O", title="key (attended token)",
+    panel_width = int(min(width, MAX_CELL * n_keys) // n_keys * n_keys) or int(width)  # whole px per key
+    x = alt.X("x0:Q", title="key (attended token)",
+              scale=alt.Scale(domain=[-0.5, n_keys - 0.5], nice=False, zero=False),
               axis=alt.Axis(labelExpr=label_expr("flow_key_labels"), labelAngle=-60, labelFontSize=9,
-                            labelOverlap="greedy"))
+                            labelOverlap="greedy", labelBound=True, tickMinStep=1, tickCount=n_keys, grid=False))
+    edges = {"x0": "datum.index - 0.5", "x1": "datum.index + 0.5"}
     y = alt.Y("layer:O", title="layer")
-    colour = alt.Color("weight:Q", scale=alt.Scale(scheme=scheme, zero=False), title="weight")
+    # One colour domain for the mean and every head, so the head dropdown keeps colours comparable.
+    raw_weights = shown["weight"].to_numpy(dtype=np.float64)
     raw_chart = (
-        alt.Chart(inline(code_rows), width=alt.Step(step), height=alt.Step(18))
+        alt.Chart(inline(code_rows), width=panel_width, height=alt.Step(ROW_HEIGHT))
         .transform_filter("datum.head == flow_head" if heads else f"datum.head == {MEAN_HEAD}")
         .transform_calculate(index="sequence(0, length(datum.codes))")
         .transform_flatten(["index"])
         .transform_calculate(weight=codes.vega_decode("substring(datum.codes, datum.index, datum.index + 1)"))
         .transform_lookup(lookup="index", from_=alt.LookupData(key_table, "index", ["key", "token"]),
                           as_=["key", "key_token"])
+        .transform_calculate(**edges, **colour_calculation(scale))
         .mark_rect()
-        .encode(x=x, y=y, color=colour,
+        .encode(x=x, x2="x1:Q", y=y,
+                color=alt.Color(f"{colour_field(scale)}:Q", legend=colour_legend(scale, raw_weights),
+                                scale=colour_scale(scheme, scale, weight_range(raw_weights, scale))),
                 tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("key_token:N", title="key"),
                          alt.Tooltip("key:O", title="position"), alt.Tooltip("weight:Q", title="weight (±5%)",
                                                                              format=".3f")])
+        .add_params(alt.selection_interval(name="flow_zoom", bind="scales", encodings=["x"]))
     )
     params = [labels]
     if heads:
@@ -171,18 +208,27 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
                 + "; build it from the same Trace, e.g. rollout_frame(trace, sequence=...) with "
                 "the token flow's sequence."
             )
-        lookup = alt.LookupData(inline([{"key": k, "token": t} for k, t in zip(key_ids, key_tokens)]),
-                                "key", ["token"])
+        lookup = alt.LookupData(inline([{"key": k, "token": t, "index": i}
+                                        for i, (k, t) in enumerate(zip(key_ids, key_tokens))]),
+                                "key", ["token", "index"])
         panels.append(
-            alt.Chart(inline(rows, ["layer", "key", "weight"]), width=alt.Step(step), height=alt.Step(18))
-            .transform_lookup(lookup="key", from_=lookup, as_=["key_token"])
+            alt.Chart(inline(rows, ["layer", "key", "weight"]), width=panel_width, height=alt.Step(ROW_HEIGHT))
+            .transform_lookup(lookup="key", from_=lookup, as_=["key_token", "index"])
+            .transform_filter("isValid(datum.index)")
+            .transform_calculate(**edges, **colour_calculation(scale))
             .mark_rect()
-            .encode(x=x, y=y, color=colour,
+            .encode(x=x, x2="x1:Q", y=y,
+                    color=alt.Color(f"{colour_field(scale)}:Q", legend=colour_legend(scale, rows["weight"].to_numpy()),
+                                    scale=colour_scale(scheme, scale, weight_range(rows["weight"].to_numpy(), scale))),
                     tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("key_token:N", title="key"),
                              alt.Tooltip("key:O", title="position"), alt.Tooltip("weight:Q", format=".4f")])
             .properties(title=title("Rollout", "share of the token's representation from each input token"))
         )
     heading = f"Token flow of \u201c{truncate(token, 24)}\u201d" + (
         f" (position {position})" if position is not None else "")
-    return (alt.hconcat(*panels, spacing=28).add_params(*params).resolve_scale(color="independent")
-            .properties(title=title(heading, "each row: where the token looks after that layer")))
+    hint = f"each row: where the token looks after that layer; {scale} colour scale"
+    if n_keys * MAX_CELL > width:
+        hint += " \u00b7 " + ZOOM_HINT
+    return (alt.vconcat(*panels, spacing=24).add_params(*params)
+            .resolve_scale(color="independent", x="shared")
+            .properties(title=title(heading, hint)))
