@@ -19,14 +19,18 @@ from attnjax.viz.frames import (
     token_frame,
 )
 from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
+from attnjax.viz.head_view import head_view
 from attnjax.viz.html import save_html, save_image, to_html
+from attnjax.viz.qk_map import qk_embedding
+from attnjax.viz.steps import attention_steps
+from attnjax.viz.structure import model_structure
 from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
 from attnjax.viz.next_token import next_token_explorer
 
 __all__ = [
     "HEATMAP_MAX_TOKENS", "OVERVIEW_MAX_WEIGHTS", "anomaly_chart", "attention_frame",
-    "attention_heatmap", "comparison_chart", "focus_chart", "layer_similarity_chart",
-    "model_overview", "next_token_explorer", "next_token_frames", "save_html", "save_image",
+    "attention_heatmap", "attention_steps", "comparison_chart", "focus_chart", "head_view",
+    "layer_similarity_chart", "model_overview", "model_structure", "qk_embedding", "next_token_explorer", "next_token_frames", "save_html", "save_image",
     "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
 ]
 
