@@ -202,3 +202,43 @@ def alt_default_temperature(normalizers):
     """The slider's starting value as next_token_explorer picks it: 1.0, clamped to the grid."""
     temps = normalizers["temperature"].to_numpy()
     return min(max(1.0, temps[0]), temps[-1])
+
+
+@pytest.fixture(scope="module")
+def qkv_trace():
+    return attnjax.run(attnjax.load("minilm"), "The cat sat on the mat. Then the cat saw a dog.",
+                       capture=attnjax.Capture(attention=True, qkv=True))
+
+
+def test_inside_a_head_views_draw_offline(chromium, qkv_trace, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    views = {"head_view": viz.head_view(qkv_trace), "steps": viz.attention_steps(qkv_trace, 2, 3, 5),
+             "qk": viz.qk_embedding(qkv_trace, 2), "structure": viz.model_structure(attnjax.load("minilm"))}
+    paths = {name: viz.save_html(chart, tmp_path / f"{name}.html") for name, chart in views.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pages = dict(zip(paths, pool.map(lambda path: browser.render(path, chromium=chromium), paths.values())))
+    failures = [(name, page.charts_drawn, page.chart_errors) for name, page in pages.items() if not page.drew]
+    assert not failures, f"views that did not draw (name, drawn, errors): {failures}"
+
+
+def test_pointing_at_a_token_keeps_only_its_lines(chromium, qkv_trace, tmp_path):
+    # Layer 0, every head overlaid: before the hover every line of the layer is drawn;
+    # pointing at query token 3 (the left column, right-aligned text) leaves its lines only.
+    n = int(np.asarray(qkv_trace.mask[0]).sum())
+    page = to_html(viz.head_view(qkv_trace, layer=0), renderer="canvas")
+    probe = """
+      var view = views[0];
+      function rules() { return findItems(view.scenegraph().root, function (item) {
+        return item.mark.marktype === 'rule' && item.datum.weight !== undefined; }, []); }
+      var before = rules().length;
+      var token = findItems(view.scenegraph().root, function (item) {
+        return item.mark.marktype === 'text' && item.align === 'right' && item.datum.query === 3; }, [])[0];
+      fire(pointAt(view, token), ['pointermove', 'mousemove', 'pointerover', 'mouseover']);
+      setTimeout(function () {
+        var after = rules(), own = after.filter(function (item) { return item.datum.query === 3; });
+        document.title = 'lines ' + before + ' ' + after.length + ' ' + own.length; }, 500);"""
+    path = tmp_path / "hover.html"
+    path.write_text(with_probe(page, probe))
+    title = browser.render(path, chromium=chromium).title
+    assert title == f"lines {12 * n * n} {12 * n} {12 * n}", title  # 12 heads x n keys, all from query 3

@@ -21,6 +21,7 @@ from attnjax.viz.inside_frames import head_view_frames
 ALL = -1                 # head_view_head value that overlays every head
 COLUMN_GAP = 260         # px between the two token columns
 HEAD_COLOURS = "tableau20"
+ONE_HEAD_COLOUR = "#1f5fa8"
 
 
 def _row_height(tokens: int) -> int:
@@ -54,10 +55,12 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
     head_param = alt.param(name="head_view_head", value=ALL if head is None else int(head),
                            bind=alt.binding_select(options=[ALL] + list(range(heads)),
                                                    labels=["all"] + [str(h) for h in range(heads)], name="head "))
-    hover_query = alt.selection_point(name="hover_query", fields=["query"], on="pointerover", clear="pointerout",
-                                      empty=True)
-    hover_key = alt.selection_point(name="hover_key", fields=["key"], on="pointerover", clear="pointerout",
-                                    empty=True)
+    # Each hover listens to its own column's marks only (a bare "pointerover" would fire on
+    # every mark of the layer, lines included).
+    hover_query = alt.selection_point(name="hover_query", fields=["query"], on="@head_view_queries_marks:pointerover",
+                                      clear="@head_view_queries_marks:pointerout", empty=True)
+    hover_key = alt.selection_point(name="hover_key", fields=["key"], on="@head_view_keys_marks:pointerover",
+                                    clear="@head_view_keys_marks:pointerout", empty=True)
     x_scale = alt.Scale(domain=[0, 1], range=[0, COLUMN_GAP])
     y_scale = alt.Scale(domain=[-0.5, n - 0.5], range=[0, height])
     base_tokens = tokens.assign(row=np.arange(n), query=tokens["position"], key=tokens["position"])
@@ -72,8 +75,10 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
         .encode(
             x=alt.X("left:Q", scale=x_scale, axis=None), x2="right:Q",
             y=alt.Y("q_row:Q", scale=y_scale, axis=None), y2="k_row:Q",
-            color=alt.Color("head:N", scale=alt.Scale(scheme=HEAD_COLOURS, domain=list(range(heads))),
-                            legend=alt.Legend(title="head", offset=110, columns=2)),
+            color=alt.condition(  # one head: one dark colour; every head: head colours
+                "head_view_head >= 0", alt.value(ONE_HEAD_COLOUR),
+                alt.Color("head:N", scale=alt.Scale(scheme=HEAD_COLOURS, domain=list(range(heads))),
+                          legend=alt.Legend(title="head", offset=110, columns=2))),
             opacity=alt.Opacity("weight:Q", scale=alt.Scale(domain=[0, 1], range=[0, 1]), legend=None),
             tooltip=[alt.Tooltip("head:N"), alt.Tooltip("query:Q", title="query position"),
                      alt.Tooltip("key:Q", title="key position"), alt.Tooltip("weight:Q", format=".3f")],
@@ -83,11 +88,11 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
     left = text.mark_text(align="right", dx=-6, fontSize=min(12, _row_height(n) - 1), cursor="pointer").encode(
         x=alt.value(0), y=alt.Y("row:Q", scale=y_scale, axis=None), text="label:N", tooltip=token_tooltip,
         color=alt.condition(hover_query, alt.value("#222"), alt.value("#aaa")),
-    ).add_params(hover_query)
+    ).add_params(hover_query).properties(name="head_view_queries")
     right = text.mark_text(align="left", dx=6, fontSize=min(12, _row_height(n) - 1), cursor="pointer").encode(
         x=alt.value(COLUMN_GAP), y=alt.Y("row:Q", scale=y_scale, axis=None), text="label:N", tooltip=token_tooltip,
         color=alt.condition(hover_key, alt.value("#222"), alt.value("#aaa")),
-    ).add_params(hover_key)
+    ).add_params(hover_key).properties(name="head_view_keys")
     note = None
     if info["top_k"] is not None:
         note = (f"Long input: {n} tokens, so only each query's top {info['top_k']} keys are drawn "
@@ -105,7 +110,6 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
             usermeta=renderer_hint(len(lines)),
         )
         .configure_view(stroke=None)
-        .properties(padding={"left": 110, "right": 110, "top": 10, "bottom": 10})
     )
 
 
