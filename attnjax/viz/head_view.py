@@ -13,6 +13,7 @@ from typing import Optional
 
 import altair as alt
 import numpy as np
+import pandas as pd
 
 from attnjax.trace import Trace
 from attnjax.viz.common import inline, renderer_hint
@@ -22,6 +23,18 @@ ALL = -1                 # head_view_head value that overlays every head
 COLUMN_GAP = 260         # px between the two token columns
 HEAD_COLOURS = "tableau20"
 ONE_HEAD_COLOUR = "#1f5fa8"
+
+
+def pack_lines(lines: pd.DataFrame) -> pd.DataFrame:
+    """One row per (layer, head) with its lines as three space-separated strings (query
+    rows, key rows, weights to 4 digits); the chart splits them in the browser. Thousands
+    of lines cost a few strings instead of thousands of spec rows."""
+    packed = []
+    for (layer, head), group in lines.groupby(["layer", "head"], sort=True):
+        packed.append({"layer": int(layer), "head": int(head),
+                       "q": " ".join(map(str, group["q_row"])), "k": " ".join(map(str, group["k_row"])),
+                       "w": " ".join(f"{w:.4g}" for w in group["weight"])})
+    return pd.DataFrame(packed, columns=["layer", "head", "q", "k", "w"])
 
 
 def _row_height(tokens: int) -> int:
@@ -46,7 +59,8 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
         raise ValueError(f"head_view: head={head!r} is out of range; the model has {heads} heads (0..{heads - 1}), "
                          "or pass None to overlay them all.")
     row_of = {int(p): i for i, p in enumerate(tokens["position"])}
-    lines = lines.assign(q_row=lines["query"].map(row_of), k_row=lines["key"].map(row_of), left=0, right=1)
+    base_tokens = tokens.assign(row=np.arange(len(tokens)), query=tokens["position"], key=tokens["position"])
+    lines = lines.assign(q_row=lines["query"].map(row_of), k_row=lines["key"].map(row_of))
     n = len(tokens)
     height = n * _row_height(n)
     layer_ids = info["layers"]
@@ -63,12 +77,18 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
                                     clear="@head_view_keys_marks:pointerout", empty=True)
     x_scale = alt.Scale(domain=[0, 1], range=[0, COLUMN_GAP])
     y_scale = alt.Scale(domain=[-0.5, n - 0.5], range=[0, height])
-    base_tokens = tokens.assign(row=np.arange(n), query=tokens["position"], key=tokens["position"])
     token_tooltip = [alt.Tooltip("token:N", title="token"), alt.Tooltip("position:Q", title="position")]
+    positions = alt.LookupData(inline(base_tokens[["row", "position"]]), key="row", fields=["position"])
     rules = (
-        alt.Chart(inline(lines))
+        alt.Chart(inline(pack_lines(lines)))
         .transform_filter("datum.layer == head_view_layer")
         .transform_filter(f"head_view_head == {ALL} || datum.head == head_view_head")
+        .transform_calculate(q_row="split(datum.q, ' ')", k_row="split(datum.k, ' ')", weight="split(datum.w, ' ')")
+        .transform_flatten(["q_row", "k_row", "weight"])
+        .transform_calculate(q_row="toNumber(datum.q_row)", k_row="toNumber(datum.k_row)",
+                             weight="toNumber(datum.weight)", left="0", right="1")
+        .transform_lookup(lookup="q_row", from_=positions, as_=["query"])
+        .transform_lookup(lookup="k_row", from_=positions, as_=["key"])
         .transform_filter(hover_query)
         .transform_filter(hover_key)
         .mark_rule(strokeWidth=2)
@@ -107,7 +127,7 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
             title=alt.TitleParams(text=alt.ExprRef(expr=heading), anchor="start", subtitle=[s for s in (
                 note, "left: queries (from) \u00b7 right: keys (to) \u00b7 line opacity = attention weight",
                 "point at a token to keep only its lines") if s]),
-            usermeta=renderer_hint(len(lines)),
+            usermeta=renderer_hint(len(lines) + 2 * len(tokens)),
         )
         .configure_view(stroke=None)
     )
