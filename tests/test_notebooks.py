@@ -17,6 +17,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 WRITES = {
     "quickstart.ipynb": ("taxonomy.html",),
     "long_context.ipynb": ("long_context_heads.html", "long_context_overview.html"),
+    "inside_a_head.ipynb": ("head_view.html", "steps.html", "qk_map.html", "structure.html"),
 }
 
 
