@@ -88,3 +88,22 @@ def test_select_keeps_qkv_and_scales(models):
     np.testing.assert_array_equal(picked.values[0, 0], trace.values[1, 1])
     assert picked.scales == trace.scales[1:] and picked.layers == (1,)
     assert trace.attention is None and trace.scores is None                      # qkv alone builds no T x T map
+
+
+def test_step_view_numbers_under_soft_cap_window_and_gqa(models):
+    # Gemma 2 (tiny): soft-cap 2, window 4 on layer 0, 4 query heads over 2 kv heads.
+    from attnjax.viz.inside_frames import attention_step_frames, head_view_frames
+
+    model = models["gemma2"]
+    _, trace = model.forward(model.params, IDS, MASK, capture=CAPTURE)
+    steps = attention_step_frames(trace, 0, 3, 5, sequence=1)
+    keys = steps["keys"]
+    assert steps["info"]["kv_head"] == 1 and list(keys["key"]) == list(range(6))   # padding left out
+    assert list(keys["visible"]) == [False, False, True, True, True, True]          # window 4: keys 2..5
+    scores = np.asarray(trace.scores[0, 1, 3, 5])[:6]
+    np.testing.assert_allclose(keys["capped"][keys["visible"]], scores[keys["visible"].to_numpy()], rtol=1e-5, atol=1e-5)
+    assert keys["masked"][~keys["visible"]].isna().all()
+    np.testing.assert_allclose(keys["weight"], np.asarray(trace.attention[0, 1, 3, 5])[:6], atol=1e-6)
+    lines, tokens, info = head_view_frames(trace, [1], sequence=0)                   # layer 1: full causal
+    assert info["top_k"] is None and (lines["key"] <= lines["query"]).all()
+    assert len(lines) == 4 * 8 * 9 // 2                                              # 4 heads x the causal triangle

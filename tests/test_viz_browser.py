@@ -242,3 +242,18 @@ def test_pointing_at_a_token_keeps_only_its_lines(chromium, qkv_trace, tmp_path)
     path.write_text(with_probe(page, probe))
     title = browser.render(path, chromium=chromium).title
     assert title == f"lines {12 * n * n} {12 * n} {12 * n}", title  # 12 heads x n keys, all from query 3
+
+
+def test_inside_views_show_hostile_tokens_as_text(chromium, qkv_trace, tmp_path):
+    n = qkv_trace.seq_len
+    tokens = (["[CLS]"] + HOSTILE + ["bidi \u202eevil"] + ["fine"] * n)[:n]
+    hostile = qkv_trace.with_tokens([tokens])
+    for name, chart in {"head_view": viz.head_view(hostile, layer=0), "steps": viz.attention_steps(hostile, 0, 0, 1),
+                        "qk": viz.qk_embedding(hostile, 0, 0)}.items():
+        path = tmp_path / f"{name}.html"
+        path.write_text(to_html(chart, title="hostile test"))
+        page = browser.render(path, chromium=chromium)
+        assert page.drew and page.title == "hostile test", name
+        assert 'data-pwned="1"' not in page.dom and not re.search(r"<img[^>]*onerror", page.dom), name
+        assert len(re.findall(r"<script\b", page.dom)) == 3, name
+        assert "\u202e" not in page.dom and "\u27e8U+202" in page.dom, name  # bidi override shown (as a tag, maybe cut), not applied

@@ -29,6 +29,7 @@ HEAD_VIEW_MAX_LINES = 120_000
 # panels; every number is still computed over all the keys.
 STEPS_MAX_KEYS = 48
 EMBEDDING_METHODS = ("pca",)
+VISIBLE_SPACE = "\u2423"  # labels show a decoder token's spaces (" the" -> "\u2423the")
 
 
 def layer_position(trace: Trace, layer: int, what: str) -> int:
@@ -63,10 +64,10 @@ def require_qkv(trace: Trace, what: str) -> None:
 
 
 def token_table(trace: Trace, sequence: int) -> pd.DataFrame:
-    """position, token (whole), label (truncated) of the non-padding tokens."""
+    """position, token (whole), label (truncated, spaces shown as \u2423) of the non-padding tokens."""
     positions, tokens = sequence_tokens(trace, sequence)
     return pd.DataFrame({"position": positions.astype(np.int64), "token": list(tokens),
-                         "label": [truncate(t) for t in tokens]})
+                         "label": [truncate(str(t).replace(" ", VISIBLE_SPACE)) for t in tokens]})
 
 
 def head_view_frames(trace: Trace, layers: Optional[Sequence[int]] = None, *, sequence: int = 0,

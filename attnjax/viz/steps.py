@@ -13,7 +13,7 @@ import altair as alt
 import pandas as pd
 
 from attnjax.trace import Trace
-from attnjax.viz.common import inline, title
+from attnjax.viz.common import inline, label_expr, label_param, title, visible_text
 from attnjax.viz.inside_frames import attention_step_frames
 
 CELL = 7            # px per head_dim cell
@@ -41,8 +41,9 @@ def _vector_map(frame: pd.DataFrame, heading: str, field: str, head_dim: int, le
 def _bars(keys: pd.DataFrame, field: str, heading: str, *, show_y: bool, fmt: str = ".3f") -> alt.LayerChart:
     base = alt.Chart(inline(keys), title=alt.TitleParams(heading, anchor="start", fontSize=12),
                      width=BAR_WIDTH, height=alt.Step(ROW))
-    y = alt.Y("row:N", title=None, sort=list(keys.sort_values("key")["row"]),
-              axis=alt.Axis(labelFontSize=10, labelLimit=160) if show_y else None)
+    # Keys in position order; labels from the step_labels parameter (data, never expression text).
+    y = alt.Y("key:O", title=None, axis=alt.Axis(labelExpr=label_expr("step_labels"), labelFontSize=10,
+                                                 labelLimit=160) if show_y else None)
     bars = base.mark_bar(color="#4c78a8").encode(
         y=y, x=alt.X(f"{field}:Q", title=None, axis=alt.Axis(labelFontSize=8, tickCount=3)),
         tooltip=[alt.Tooltip("token:N", title="key"), alt.Tooltip("key:Q", title="key position"),
@@ -88,12 +89,13 @@ def attention_steps(trace: Trace, layer: int, head: int, query: int, *, sequence
     if info["kv_heads"] != info["heads"]:
         group = f" (reads kv head {info['kv_head']} of {info['kv_heads']})"
     subtitle = [
-        f"query {info['query']} \u201c{info['query_token']}\u201d \u00b7 {info['keys']} keys"
+        f"query {info['query']} \u201c{visible_text(info['query_token'])}\u201d \u00b7 {info['keys']} keys"
         + (f", the {info['shown']} with the highest weights drawn" if info["shown"] < info["keys"] else ""),
         "recomputed from the recorded q, k, v (Capture(qkv=True))",
     ]
     return (
         alt.vconcat(stage_1, alt.hconcat(*panels, spacing=52), stage_6, spacing=18)
+        .add_params(label_param("step_labels", dict(zip(keys["key"], keys["row"]))))
         .resolve_scale(color="independent")
         .properties(title=title(f"Attention step by step, layer {info['layer']} head {info['head']}{group}", subtitle))
     )
