@@ -24,7 +24,7 @@ DIVERGING = alt.Scale(scheme="redblue", domainMid=0, reverse=True)
 
 def _vector_map(frame: pd.DataFrame, heading: str, field: str, head_dim: int, legend_title: str) -> alt.Chart:
     return (
-        alt.Chart(inline(frame), title=alt.TitleParams(heading, anchor="start", fontSize=12),
+        alt.Chart(inline(frame, ["row", "dim", field]), title=alt.TitleParams(heading, anchor="start", fontSize=12),
                   width=head_dim * CELL, height=alt.Step(ROW))
         .mark_rect()
         .encode(
@@ -39,7 +39,7 @@ def _vector_map(frame: pd.DataFrame, heading: str, field: str, head_dim: int, le
 
 
 def _bars(keys: pd.DataFrame, field: str, heading: str, *, show_y: bool, fmt: str = ".3f") -> alt.LayerChart:
-    base = alt.Chart(inline(keys), title=alt.TitleParams(heading, anchor="start", fontSize=12),
+    base = alt.Chart(inline(keys, ["key", "token", field]), title=alt.TitleParams(heading, anchor="start", fontSize=12),
                      width=BAR_WIDTH, height=alt.Step(ROW))
     # Keys in position order; labels from the step_labels parameter (data, never expression text).
     y = alt.Y("key:O", title=None, axis=alt.Axis(labelExpr=label_expr("step_labels"), labelFontSize=10,
