@@ -38,7 +38,7 @@ def pack_lines(lines: pd.DataFrame) -> pd.DataFrame:
 
 
 def _row_height(tokens: int) -> int:
-    return int(max(6, min(18, 640 // max(tokens, 1))))
+    return int(max(8, min(18, 640 // max(tokens, 1))))
 
 
 def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = None, *, sequence: int = 0,
