@@ -32,7 +32,7 @@ because it is O(D) against the matmuls' O(D^2)):
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
