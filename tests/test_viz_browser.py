@@ -257,3 +257,24 @@ def test_inside_views_show_hostile_tokens_as_text(chromium, qkv_trace, tmp_path)
         assert 'data-pwned="1"' not in page.dom and not re.search(r"<img[^>]*onerror", page.dom), name
         assert len(re.findall(r"<script\b", page.dom)) == 3, name
         assert "\u202e" not in page.dom and "\u27e8U+202" in page.dom, name  # bidi override shown (as a tag, maybe cut), not applied
+
+
+def test_structure_tree_folds_with_its_parameters(chromium, tmp_path):
+    from attnjax.viz.structure import structure_frames
+
+    model = attnjax.load("minilm")
+    rows, _, _ = structure_frames(model)
+    shown = rows[(rows.depth <= 3) & ((rows.block < 0) | rows.opens_block | (rows.block == 2))]
+    page = to_html(viz.model_structure(model), renderer="canvas")
+    probe = """
+      var view = views[0];
+      function modules() { var seen = {}; findItems(view.scenegraph().root, function (item) {
+        return item.mark.marktype === 'text' && item.datum.module !== undefined; }, []).forEach(function (item) {
+        seen[item.datum.module] = true; }); return Object.keys(seen).length; }
+      view.signal('structure_depth', 1).runAsync().then(function () {
+        var top = modules();
+        view.signal('structure_depth', 3).signal('structure_block', 2).runAsync().then(function () {
+          document.title = 'rows ' + top + ' ' + modules(); }); });"""
+    path = tmp_path / "structure.html"
+    path.write_text(with_probe(page, probe))
+    assert browser.render(path, chromium=chromium).title == f"rows 4 {len(shown)}"  # root, embeddings, encoder, pooler
