@@ -21,7 +21,8 @@ from tests.tiny_models import tiny_gpt2
 CAPTURE = Capture(qkv=True, scores=True, attention=True)
 IDS = np.array([[3, 17, 42, 8, 99, 5, 61, 7], [11, 4, 23, 77, 2, 9, 0, 0]])      # (B, T)
 MASK = np.array([[1] * 8, [1] * 6 + [0, 0]], dtype=bool)                          # second row padded
-TINY = ["llama-gqa-llama3", "llama-mqa-linear-tied", "qwen3-qknorm", "mistral-window", "gemma2"]
+TINY = ["llama-gqa-llama3", "llama-mqa-linear-tied", "mistral-window", "qwen2-bias-window", "qwen3-qknorm", "gemma",
+        "gemma2"]  # every Llama-like family, GQA and MQA, windows, q/k norms, soft-caps
 
 
 @pytest.fixture(scope="module")
