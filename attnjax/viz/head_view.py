@@ -21,7 +21,7 @@ from attnjax.viz.inside_frames import head_view_frames
 
 ALL = -1                 # head_view_head value that overlays every head
 COLUMN_GAP = 260         # px between the two token columns
-HEAD_COLOURS = "tableau20"
+HEAD_COLOURS = "tableau20"       # over 10 heads; tableau10 up to 10
 ONE_HEAD_COLOUR = "#1f5fa8"
 
 
@@ -97,7 +97,7 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
             y=alt.Y("q_row:Q", scale=y_scale, axis=None), y2="k_row:Q",
             color=alt.condition(  # one head: one dark colour; every head: head colours
                 "head_view_head >= 0", alt.value(ONE_HEAD_COLOUR),
-                alt.Color("head:N", scale=alt.Scale(scheme=HEAD_COLOURS, domain=list(range(heads))),
+                alt.Color("head:N", scale=alt.Scale(scheme="tableau10" if heads <= 10 else HEAD_COLOURS, domain=list(range(heads))),
                           legend=alt.Legend(title="head", offset=110, columns=2))),
             opacity=alt.Opacity("weight:Q", scale=alt.Scale(domain=[0, 1], range=[0, 1]), legend=None),
             tooltip=[alt.Tooltip("head:N"), alt.Tooltip("query:Q", title="query position"),
