@@ -5,8 +5,10 @@ builders, timing each stage; ``Report.save`` writes the page with save_html.
 
 Sections: what was run (model, sizes, tokens), the model overview, the head
 taxonomy, layer similarity and focus, token flow for one token, anomalies with
-their reasons, the next-token explorer (GPT-2 models) and, when asked, the
-comparison with a second text or model.
+their reasons, the next-token explorer (GPT-2 models), when asked the comparison
+with a second text or model, and, from attnjax.report_inside, one head opened up
+(head view, step-by-step attention for --token, query/key map) and the model's
+structure.
 
 Long inputs: the overview draws full maps while layers x heads x tokens^2 stays
 within OVERVIEW_MAX_WEIGHTS (a BERT-base-sized model at 128 tokens; 181 tokens
@@ -33,6 +35,7 @@ import pandas as pd
 import attnjax
 from attnjax import analysis
 from attnjax.models.common import is_decoder
+from attnjax.report_inside import inside_blocks, overview_start
 from attnjax.trace import Capture, Trace
 from attnjax.viz.attention import model_overview
 from attnjax.viz.frames import OVERVIEW_MAX_WEIGHTS, attention_frame, next_token_frames, sequence_tokens, truncate
@@ -268,6 +271,8 @@ def _capture(model, n_tokens: int) -> Tuple[Capture, str]:
 
 def _analyse(model, model_b, text, pair, compare_text, max_length, token, n_tokens, stages: Stages) -> Results:
     capture, mode = _capture(model, n_tokens)
+    if capture.needs_matrix:  # the inside-a-head views (attnjax.report_inside) read q, k, v: O(T) per layer
+        capture = dataclasses.replace(capture, qkv=True)
     decoder = is_decoder(model.family)
     with stages.stage("run model"):
         # A decoder's next-token chart needs the last position's logits only: never (T, V).
@@ -427,7 +432,8 @@ def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
                       + ("on a fixed 0-1 scale" if scale == "absolute" else "relative to its own maximum")
                       + "; \u2248 marks a near-uniform head. Click one, or use the sliders, to open it large; "
                       "hover for tokens and weights."),
-        Block("chart", model_overview(frame, scores=r.heads, scheme=scheme, scale=scale)),
+        Block("chart", model_overview(frame, scores=r.heads, scheme=scheme, scale=scale,
+                                      start=overview_start(r.heads))),
         Block("h2", "Head taxonomy", anchor="taxonomy"),
         Block("note", "Each head gets one category from its scores (Clark et al. 2019 thresholds, counted as a "
                       "share of the mass above what uniform attention over this text's tokens would give; "
@@ -467,6 +473,7 @@ def _blocks(r: Results, scheme: str, scale: str) -> List[Block]:
                           "softmax in the page, with the normaliser over the whole vocabulary."),
             Block("chart", next_token_explorer(*r.next_token, context=" ".join(r.text.split())[-60:])),
         ]
+    blocks += inside_blocks(r)
     return blocks
 
 

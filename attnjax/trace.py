@@ -15,6 +15,14 @@ Array layouts (L = number of recorded layers, B batch, H heads, T sequence):
 - ``attention_output`` (L, B, T, D) the attention sub-block's output projection,
                        before the residual add;
 - ``stats``            AttentionStats with a leading L axis (streaming, no T x T);
+- ``queries``          (L, B, H, T, head_dim) each query head's query vectors as the
+                       scores read them (decoders: after RoPE, and Qwen3's q-norm);
+- ``keys``, ``values`` (L, B, H_kv, T, head_dim) the key / value vectors of each kv head
+                       (H_kv < H under grouped-query attention: query head h reads kv
+                       head h // (H // H_kv)). With them, scale * q.k equals ``scores``
+                       wherever the key is visible; Gemma 2's soft-capped layers hold
+                       ``scores = c tanh(scale * q.k / c)`` (the capped logits), so
+                       there the identity holds before the cap;
 - ``mask``             (B, T) bool, True at real tokens;
 - ``input_ids``        (B, T) int32.
 
@@ -28,6 +36,10 @@ Static fields:
                Qwen2/3 on layers >= max_window_layers). () means no recorded layer has a
                window (BERT, GPT-2, Llama, hand-built Traces). Analyses count a query's
                visible keys, and so normalise entropy, within its layer's window;
+- ``scales``   the q.k scale of each recorded layer, aligned with ``layers`` (() when the
+               Trace records no per-layer array or was built by hand);
+- ``softcaps`` the score soft-cap c of each recorded layer (None: no cap; Gemma 2's
+               ``attn_logit_softcapping``), aligned with ``layers``, or ();
 - ``tokens``   the token strings of each sequence (padded to T), or None;
 - ``causal``   True for decoders: query i sees keys j <= i.
 """
@@ -54,6 +66,9 @@ class Capture:
     attention_output: each recorded layer's attention sub-block output.
     stats:            streaming AttentionStats per recorded layer (no T x T matrix).
     pool:             with ``stats``, also the P x P pooled attention map.
+    qkv:              each recorded layer's queries, keys and values (per head, as the
+                      scores read them: decoders after RoPE), for step-by-step views
+                      and query/key maps. O(T) memory per layer, no T x T matrix.
     layers:           which layers to record (0-based); None records every layer.
                       Kept sorted and without repeats, so the L axis of every recorded
                       array runs in model order: Capture(layers=(3, 1)).layers == (1, 3).
@@ -65,6 +80,7 @@ class Capture:
     attention_output: bool = False
     stats: bool = False
     pool: Optional[int] = None
+    qkv: bool = False
     layers: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
@@ -90,7 +106,7 @@ class Capture:
 
     @property
     def records_layers(self) -> bool:
-        return self.needs_matrix or self.attention_output or self.stats
+        return self.needs_matrix or self.attention_output or self.stats or self.qkv
 
     def resolve_layers(self, num_layers: int) -> Tuple[int, ...]:
         """The recorded layer indices, checked against the model's depth."""
@@ -116,8 +132,13 @@ class Trace:
     hidden_states: Optional[jax.Array] = None         # (n_layers + 1, B, T, D)
     attention_output: Optional[jax.Array] = None      # (L, B, T, D)
     stats: Optional[AttentionStats] = None            # leaves (L, B, H, ...)
+    queries: Optional[jax.Array] = None               # (L, B, H, T, head_dim)
+    keys: Optional[jax.Array] = None                  # (L, B, H_kv, T, head_dim)
+    values: Optional[jax.Array] = None                # (L, B, H_kv, T, head_dim)
     layers: Tuple[int, ...] = struct.field(pytree_node=False, default=())
     windows: Tuple[Optional[int], ...] = struct.field(pytree_node=False, default=())  # per recorded layer
+    scales: Tuple[float, ...] = struct.field(pytree_node=False, default=())  # per recorded layer
+    softcaps: Tuple[Optional[float], ...] = struct.field(pytree_node=False, default=())  # per recorded layer
     tokens: Optional[Tuple[Tuple[str, ...], ...]] = struct.field(pytree_node=False, default=None)
     causal: bool = struct.field(pytree_node=False, default=False)
 
@@ -136,6 +157,8 @@ class Trace:
                 return array.shape[2]
         if self.stats is not None:
             return self.stats.entropy.shape[2]
+        if self.queries is not None:
+            return self.queries.shape[2]
         raise ValueError("This Trace holds no attention or stats; capture attention=True or stats=True.")
 
     def with_tokens(self, tokens: Sequence[Sequence[str]]) -> "Trace":
@@ -162,7 +185,7 @@ class Trace:
     def _select_layers(self, layers: Tuple[int, ...]) -> "Trace":
         if not self.layers:
             raise ValueError("This Trace records no per-layer arrays; capture attention, scores, "
-                             "attention_output or stats to select layers.")
+                             "attention_output, stats or qkv to select layers.")
         if not layers:
             raise ValueError("select(layers=()) selects nothing; name at least one layer.")
         for layer in layers:
@@ -174,8 +197,11 @@ class Trace:
         return self.replace(
             attention=take(self.attention), scores=take(self.scores),
             attention_output=take(self.attention_output), stats=take(self.stats),
+            queries=take(self.queries), keys=take(self.keys), values=take(self.values),
             layers=tuple(int(layer) for layer in layers),
             windows=tuple(self.windows[p] for p in positions) if self.windows else (),
+            scales=tuple(self.scales[p] for p in positions) if self.scales else (),
+            softcaps=tuple(self.softcaps[p] for p in positions) if self.softcaps else (),
         )
 
     def _select_sequences(self, sequences: Tuple[int, ...]) -> "Trace":
@@ -194,5 +220,6 @@ class Trace:
             attention=on_axis_1(self.attention), scores=on_axis_1(self.scores),
             hidden_states=on_axis_1(self.hidden_states), attention_output=on_axis_1(self.attention_output),
             stats=on_axis_1(self.stats),
+            queries=on_axis_1(self.queries), keys=on_axis_1(self.keys), values=on_axis_1(self.values),
             tokens=None if self.tokens is None else tuple(self.tokens[r] for r in rows),
         )

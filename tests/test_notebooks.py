@@ -19,6 +19,7 @@ WRITES = {
     "long_context.ipynb": ("long_context_heads.html", "long_context_overview.html"),
     "corpus_profile.ipynb": ("corpus_profile.html",),
     "generation.ipynb": ("generation_view.html", "generation_spans.html"),
+    "inside_a_head.ipynb": ("head_view.html", "steps.html", "qk_map.html", "structure.html"),
 }
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -51,12 +51,13 @@ def chart_specs(page: str):
 
 def test_report_has_every_section(built):
     report, _, page = built
-    for anchor in ("run", "overview", "taxonomy", "layers", "flow", "anomalies", "comparison"):
+    for anchor in ("run", "overview", "taxonomy", "layers", "flow", "anomalies", "comparison", "inside", "structure"):
         assert f'<h2 id="{anchor}">' in page
     assert 'id="next-token"' not in page  # BERT has no next-token head
     assert report.summary["tokens"] == 128 and report.summary["maps"] == "full"
-    # overview, taxonomy, similarity, focus, flow, anomalies, comparison, and text B's overview
-    assert len(chart_specs(page)) == 8
+    # overview, taxonomy, similarity, focus, flow, anomalies, comparison, text B's overview;
+    # head view, steps, Q/K map, structure
+    assert len(chart_specs(page)) == 12
     for stage in ("run model", "head scores", "token flow", "anomalies", "comparison", "charts"):
         assert report.timings[stage] >= 0
 
@@ -72,7 +73,7 @@ def test_report_escapes_the_hostile_text(built):
     _, _, page = built
     assert HOSTILE not in page
     assert "&lt;/script&gt;&lt;script&gt;document.title=" in page  # shown, escaped, in "What was run"
-    assert page.lower().count("<script") == 2 + 7  # bundle, bootstrap, one JSON block per chart
+    assert page.lower().count("<script") == 2 + 11  # bundle, bootstrap, one JSON block per chart
 
 
 def test_report_draws_in_chromium_without_running_token_text(built):
@@ -80,11 +81,11 @@ def test_report_draws_in_chromium_without_running_token_text(built):
         pytest.skip(f"Chromium not found: {browser.INSTALL_HINT}.")
     _, path, _ = built
     page = browser.render(path)
-    assert page.charts_drawn == 7 and page.chart_errors == 0
-    assert page.svg_count + page.canvas_count >= 7
+    assert page.charts_drawn == 11 and page.chart_errors == 0
+    assert page.svg_count + page.canvas_count >= 11
     assert page.title == "attnjax report: minilm"
     assert 'data-pwned="1"' not in page.dom
-    assert len(re.findall(r"<script\b", page.dom)) == 2 + 7
+    assert len(re.findall(r"<script\b", page.dom)) == 2 + 11
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_gpt2_report_has_the_next_token_explorer(gpt2_pooled):
     report, _, page = gpt2_pooled
     assert report.summary["family"] == "gpt2"
     assert '<h2 id="next-token">' in page
-    explorer = chart_specs(page)[-1]
+    explorer = next(spec for spec in chart_specs(page) if "log_normalizers" in spec)
     assert "log_normalizers" in explorer and "temperature" in explorer
 
 
@@ -125,7 +126,8 @@ def test_very_long_input_keeps_statistics_only(gpt2, monkeypatch):
     report = build_report(gpt2, LONG_GPT2_TEXT, max_length=40, progress=False)
     assert report.summary["maps"] == "statistics only"
     page = attnjax.viz.to_html(report)
-    assert "token flow needs them" in page and len(chart_specs(page)) == 6  # no flow chart
+    assert "token flow needs them" in page and len(chart_specs(page)) == 7  # no flow chart; structure only
+    assert "Left out: the input is too long for full attention maps" in page
 
 
 def test_comparison_with_a_second_model(gpt2, tmp_path):

@@ -202,3 +202,79 @@ def alt_default_temperature(normalizers):
     """The slider's starting value as next_token_explorer picks it: 1.0, clamped to the grid."""
     temps = normalizers["temperature"].to_numpy()
     return min(max(1.0, temps[0]), temps[-1])
+
+
+@pytest.fixture(scope="module")
+def qkv_trace():
+    return attnjax.run(attnjax.load("minilm"), "The cat sat on the mat. Then the cat saw a dog.",
+                       capture=attnjax.Capture(attention=True, qkv=True))
+
+
+def test_inside_a_head_views_draw_offline(chromium, qkv_trace, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    views = {"head_view": viz.head_view(qkv_trace), "steps": viz.attention_steps(qkv_trace, 2, 3, 5),
+             "qk": viz.qk_embedding(qkv_trace, 2), "structure": viz.model_structure(attnjax.load("minilm"))}
+    paths = {name: viz.save_html(chart, tmp_path / f"{name}.html") for name, chart in views.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pages = dict(zip(paths, pool.map(lambda path: browser.render(path, chromium=chromium), paths.values())))
+    failures = [(name, page.charts_drawn, page.chart_errors) for name, page in pages.items() if not page.drew]
+    assert not failures, f"views that did not draw (name, drawn, errors): {failures}"
+
+
+def test_pointing_at_a_token_keeps_only_its_lines(chromium, qkv_trace, tmp_path):
+    # Layer 0, every head overlaid: before the hover every line of the layer is drawn;
+    # pointing at query token 3 (the left column, right-aligned text) leaves its lines only.
+    n = int(np.asarray(qkv_trace.mask[0]).sum())
+    page = to_html(viz.head_view(qkv_trace, layer=0), renderer="canvas")
+    probe = """
+      var view = views[0];
+      function rules() { return findItems(view.scenegraph().root, function (item) {
+        return item.mark.marktype === 'rule' && item.datum.weight !== undefined; }, []); }
+      var before = rules().length;
+      var token = findItems(view.scenegraph().root, function (item) {
+        return item.mark.marktype === 'text' && item.align === 'right' && item.datum.query === 3; }, [])[0];
+      fire(pointAt(view, token), ['pointermove', 'mousemove', 'pointerover', 'mouseover']);
+      setTimeout(function () {
+        var after = rules(), own = after.filter(function (item) { return item.datum.query === 3; });
+        document.title = 'lines ' + before + ' ' + after.length + ' ' + own.length; }, 500);"""
+    path = tmp_path / "hover.html"
+    path.write_text(with_probe(page, probe))
+    title = browser.render(path, chromium=chromium).title
+    assert title == f"lines {12 * n * n} {12 * n} {12 * n}", title  # 12 heads x n keys, all from query 3
+
+
+def test_inside_views_show_hostile_tokens_as_text(chromium, qkv_trace, tmp_path):
+    n = qkv_trace.seq_len
+    tokens = (["[CLS]"] + HOSTILE + ["bidi \u202eevil"] + ["fine"] * n)[:n]
+    hostile = qkv_trace.with_tokens([tokens])
+    for name, chart in {"head_view": viz.head_view(hostile, layer=0), "steps": viz.attention_steps(hostile, 0, 0, 1),
+                        "qk": viz.qk_embedding(hostile, 0, 0)}.items():
+        path = tmp_path / f"{name}.html"
+        path.write_text(to_html(chart, title="hostile test"))
+        page = browser.render(path, chromium=chromium)
+        assert page.drew and page.title == "hostile test", name
+        assert 'data-pwned="1"' not in page.dom and not re.search(r"<img[^>]*onerror", page.dom), name
+        assert len(re.findall(r"<script\b", page.dom)) == 3, name
+        assert "\u202e" not in page.dom and "\u27e8U+202" in page.dom, name  # bidi override shown (as a tag, maybe cut), not applied
+
+
+def test_structure_tree_folds_with_its_parameters(chromium, tmp_path):
+    from attnjax.viz.structure import structure_frames
+
+    model = attnjax.load("minilm")
+    rows, _, _ = structure_frames(model)
+    shown = rows[(rows.depth <= 3) & ((rows.block < 0) | rows.opens_block | (rows.block == 2))]
+    page = to_html(viz.model_structure(model), renderer="canvas")
+    probe = """
+      var view = views[0];
+      function modules() { var seen = {}; findItems(view.scenegraph().root, function (item) {
+        return item.mark.marktype === 'text' && item.datum.module !== undefined; }, []).forEach(function (item) {
+        seen[item.datum.module] = true; }); return Object.keys(seen).length; }
+      view.signal('structure_depth', 1).runAsync().then(function () {
+        var top = modules();
+        view.signal('structure_depth', 3).signal('structure_block', 2).runAsync().then(function () {
+          document.title = 'rows ' + top + ' ' + modules(); }); });"""
+    path = tmp_path / "structure.html"
+    path.write_text(with_probe(page, probe))
+    assert browser.render(path, chromium=chromium).title == f"rows 4 {len(shown)}"  # root, embeddings, encoder, pooler

@@ -7,6 +7,8 @@ from attnjax.models.gpt2 import GPT2Config, GPT2Output
 from attnjax.models.llama import LlamaConfig, LlamaOutput
 from attnjax.models.model import Model
 from attnjax.models.rope import RopeConfig
+from attnjax.models.structure import summary
 
 __all__ = ["BertConfig", "BertOutput", "CheckpointError", "GPT2Config", "GPT2Output", "LLAMA_FAMILIES",
-           "LlamaConfig", "LlamaOutput", "Model", "RopeConfig", "UnsupportedConfigError", "is_decoder"]
+           "LlamaConfig", "LlamaOutput", "Model", "RopeConfig", "UnsupportedConfigError", "is_decoder",
+           "summary"]

@@ -105,8 +105,17 @@ def attend(
     returns the output, or ``(output, probs)`` with probs (B, Hq, T, T): probs are
     required to capture ``attention`` through it. Scores and streaming statistics are
     defined by attnjax's own kernels only.
+
+    ``capture.qkv`` records ``queries`` (B, Hq, T, H) and ``keys`` / ``values``
+    (B, Hkv, T, H), heads-major, exactly the q, k, v this function receives (so the
+    decoders' are after RoPE): scale * q.k is the recorded score wherever the key is
+    visible (before the soft-cap, when there is one). Any ``impl`` records them.
     """
     records: Dict[str, jax.Array] = {}
+    if record and capture.qkv:
+        records["queries"] = jnp.swapaxes(q, 1, 2)  # (B, Hq, T, H)
+        records["keys"] = jnp.swapaxes(k, 1, 2)  # (B, Hkv, T, H)
+        records["values"] = jnp.swapaxes(v, 1, 2)  # (B, Hkv, T, H)
     wants_matrix = record and capture.needs_matrix
     wants_stats = record and capture.stats
     options = dict(window=window, softcap=softcap)

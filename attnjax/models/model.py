@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional, Tuple, Union
 
 import jax
@@ -107,11 +108,25 @@ class Model:
             hidden_states=stack_layers(hidden_states) if capture.hidden_states else None,  # (L+1, B, T, D)
             attention_output=stack_records(records, "attention_output"),
             stats=stack_records(records, "stats"),
+            queries=stack_records(records, "queries"),  # (L, B, H, T, head_dim)
+            keys=stack_records(records, "keys"),  # (L, B, H_kv, T, head_dim)
+            values=stack_records(records, "values"),  # (L, B, H_kv, T, head_dim)
             layers=recorded if capture.records_layers else (),
             windows=tuple(windows[i] for i in recorded) if windows and capture.records_layers else (),
+            scales=tuple(self.attention_scale(i) for i in recorded) if capture.records_layers else (),
+            softcaps=(getattr(self.config, "attn_logit_softcapping", None),) * len(recorded)
+            if capture.records_layers else (),
             causal=self.causal,
         )
         return output, trace
+
+    def attention_scale(self, layer: int) -> float:
+        """The q.k scale of model layer ``layer`` (1 / sqrt(head_dim) unless the config says
+        otherwise: GPT-2's inverse-layer scaling, Gemma 2's query_pre_attn_scalar)."""
+        scale = getattr(self.config, "attention_scale", None)
+        if callable(scale):  # GPT2Config.attention_scale(layer)
+            return float(scale(layer))
+        return float(scale) if scale is not None else 1.0 / math.sqrt(self.config.head_dim)
 
     @functools.cached_property
     def _jitted_forward(self):

@@ -21,15 +21,19 @@ from attnjax.viz.frames import (
 )
 from attnjax.viz.generation import generation_frames, generation_view, span_mass_chart
 from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
+from attnjax.viz.head_view import head_view
 from attnjax.viz.html import save_html, save_image, to_html
+from attnjax.viz.qk_map import qk_embedding
+from attnjax.viz.steps import attention_steps
+from attnjax.viz.structure import model_structure
 from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
 from attnjax.viz.next_token import next_token_explorer
 
 __all__ = [
     "HEATMAP_MAX_TOKENS", "OVERVIEW_MAX_WEIGHTS", "anomaly_chart", "attention_frame",
-    "attention_heatmap", "comparison_chart", "focus_chart", "generation_frames", "generation_view",
-    "layer_similarity_chart", "span_mass_chart",
-    "model_overview", "next_token_explorer", "next_token_frames", "save_html", "save_image",
+    "attention_heatmap", "attention_steps", "comparison_chart", "focus_chart", "generation_frames",
+    "generation_view", "head_view", "layer_similarity_chart", "model_overview", "model_structure",
+    "next_token_explorer", "next_token_frames", "qk_embedding", "save_html", "save_image", "span_mass_chart",
     "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
     "corpus_anomaly_chart", "corpus_focus", "spread_chart", "stability_chart",
 ]
