@@ -5,6 +5,7 @@
     attnjax report --model gpt2 --file story.txt --max-length 256
     attnjax report --text "She went home." --compare "He went home."
     attnjax profile corpus.txt --csv heads.csv       # streaming statistics over a file
+    attnjax lab induction --out induction-model      # train a small GPT, watch heads form
 
 Bad input (missing file, empty text, unknown model, unwritable output, over-long
 text without --max-length) is reported in one line on stderr with exit status 2;
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--dtype", choices=DTYPES, default="float32", help="as for report")
     profile.add_argument("--csv", type=Path, help="also write the per-head scores and categories to this CSV")
     profile.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    from attnjax.lab import commands as lab_commands  # `attnjax lab`: attnjax/lab/commands.py
+
+    lab_commands.add_parser(commands)
     return parser
 
 
@@ -87,6 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "report":
             return run_report(args)
+        if args.command == "lab":
+            from attnjax.lab import commands as lab_commands
+
+            return lab_commands.run(args)
         return run_profile(args)
     except InputError as error:
         return fail(str(error), EXIT_BAD_INPUT, args)

@@ -1,7 +1,7 @@
 """check_attention: catch the usual mistakes of a custom attention function before training.
 
 The checks run in this order on small random inputs (batch 2, 8 positions, 4 query heads,
-head size 8, and a second call with 2 kv heads for grouped-query models), and the first
+head size 8, and with ``grouped=True`` a second call with 2 kv heads), and the first
 failure raises AttentionCheckError naming its check:
 
 - ``call``: fn(q, k, v, mask=, causal=, scale=) runs;
@@ -53,10 +53,19 @@ def inputs(seed: int, kv_heads: int = HEADS):
     return q, k, v
 
 
+def jitted(fn):
+    """fn under jax.jit (training jits it too), returning (out, probs or None)."""
+    def run(q, k, v, mask, causal):
+        result = fn(q, k, v, mask=mask, causal=causal, scale=HEAD_DIM ** -0.5)
+        return result if isinstance(result, tuple) else (result, None)
+
+    return jax.jit(run, static_argnames="causal")
+
+
 def call(fn, q, k, v, mask=None, causal=True):
+    """fn, a jitted(...) function, on these inputs: (out, probs or None)."""
     mask = jnp.ones(q.shape[:2], bool) if mask is None else mask  # (B, T)
-    result = fn(q, k, v, mask=mask, causal=causal, scale=HEAD_DIM ** -0.5)
-    return result if isinstance(result, tuple) else (result, None)
+    return fn(q, k, v, mask, causal=causal)
 
 
 def check_shape(name: str, array, expected, axes) -> None:
@@ -74,24 +83,26 @@ def check_shape(name: str, array, expected, axes) -> None:
         raise AttentionCheckError("shapes", f"{name} has dtype {array.dtype}; expected floats.")
 
 
-def check_attention(fn, *, exact: Optional[bool] = None, grouped: bool = True):
+def check_attention(fn, *, exact: Optional[bool] = None, grouped: bool = False):
     """Run the module docstring's checks on ``fn``; return fn, or raise AttentionCheckError.
 
     exact: whether fn must agree with softmax attention; None reads ``fn.exact``.
-    grouped: also call fn with fewer kv heads than query heads (grouped-query attention).
+    grouped: also call fn with fewer kv heads than query heads (grouped-query attention;
+    train asks for it when the model has GPTConfig(kv_heads=...) below heads).
     """
     if not callable(fn):
         raise AttentionCheckError("call", f"expected a function fn(q, k, v, *, mask, causal, scale); "
                                           f"got {type(fn).__name__}.")
     exact = bool(getattr(fn, "exact", False)) if exact is None else exact
-    q, k, v = inputs(0)
+    original, fn = fn, jitted(fn)
     for kv_heads in ((HEADS, HEADS // 2) if grouped else (HEADS,)):
         q, k, v = inputs(0, kv_heads)
         try:
             out, probs = call(fn, q, k, v)
         except Exception as error:  # the user's code: report any failure as this check's
-            raise AttentionCheckError("call", f"fn(q, k, v, mask=, causal=True, scale=) with q {q.shape}, "
-                                              f"k and v {k.shape} raised {type(error).__name__}: {error}") from error
+            raise AttentionCheckError("call", f"fn(q, k, v, mask=, causal=True, scale=) under jax.jit with q "
+                                              f"{q.shape}, k and v {k.shape} raised {type(error).__name__}: "
+                                              f"{str(error).splitlines()[0] if str(error) else ''}") from error
         check_shape("output", out, q.shape, ("batch", "query", "heads", "head_dim"))
         if probs is not None:
             check_shape("probs", probs, (BATCH, HEADS, LENGTH, LENGTH), ("batch", "heads", "query", "key"))
@@ -103,7 +114,7 @@ def check_attention(fn, *, exact: Optional[bool] = None, grouped: bool = True):
     check_gradients(fn, q, k, v)
     if exact:
         check_exact(fn, q, k, v)
-    return fn
+    return original
 
 
 def check_causality(fn, q, k, v) -> None:

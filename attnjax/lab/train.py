@@ -148,7 +148,8 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
         raise TypeError(f"train: expected a GPTConfig or a LabModel (a TrainResult's model); "
                         f"got {type(config_or_model).__name__}.")
     lab = model.lab_config
-    impl = "auto" if attention_impl is None else check_attention(attention_impl)
+    grouped = lab.kv_heads is not None and lab.kv_heads < lab.heads
+    impl = "auto" if attention_impl is None else check_attention(attention_impl, grouped=grouped)
     batches, task = batch_source(data, batch_size, seed)
     if task is not None:
         if task.vocab > lab.vocab:
