@@ -2,7 +2,7 @@
 
 Trains recipes.INDUCTION (2-layer attention-only Llama, width 64, 4 heads, repeated
 random tokens over 64 ids at 64 positions, batch 32, AdamW 3e-3; --steps, default 2000)
-for each --seeds, then classifies every head on 32 fresh repeated sequences (a random
+for each --seeds, then classifies every head on 16 fresh repeated sequences (a random
 first half, then the same half again; a seed training never uses). Prints, per seed:
 wall time, the first logged step (and seconds since training started, compile
 included) at which a layer-1 head is classified induction and a layer-0 head

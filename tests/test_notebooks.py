@@ -17,6 +17,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 WRITES = {
     "quickstart.ipynb": ("taxonomy.html",),
     "long_context.ipynb": ("long_context_heads.html", "long_context_overview.html"),
+    "custom_attention_lab.ipynb": ("lab_training.html",),
 }
 
 
@@ -36,6 +37,8 @@ def small_sizes(name: str, directory: Path, monkeypatch) -> None:
         tiny_decoder(model_dir, "llama-gqa-llama3", max_position_embeddings=256)
         monkeypatch.setenv("ATTNJAX_MODEL", str(model_dir))
         monkeypatch.setenv("ATTNJAX_LENGTH", "160")
+    if name == "custom_attention_lab.ipynb":
+        monkeypatch.setenv("ATTNJAX_LAB_STEPS", "20")  # the recipe's model, 20 steps instead of 2000
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

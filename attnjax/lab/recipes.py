@@ -68,7 +68,7 @@ def fresh_heads(result: TrainResult, ids: np.ndarray) -> pd.DataFrame:
     return probe_frame(model, model.params, np.asarray(ids, np.int32), model.impl)
 
 
-def induction_probe(vocab: int = INDUCTION.config.vocab, length: int = INDUCTION.length, rows: int = 32,
+def induction_probe(vocab: int = INDUCTION.config.vocab, length: int = INDUCTION.length, rows: int = 16,
                     seed: int = 12345) -> np.ndarray:
     """(rows, length) fresh sequences (a seed training never uses): a random first half,
     then the same half again."""
