@@ -78,6 +78,8 @@ def test_bad_arguments_say_which():
         lab.GPTConfig(layers=1, heads=3, width=32, vocab=8, context=8)
     with pytest.raises(ValueError, match="raise vocab"):
         lab.train(TINY, tasks.repeated_tokens(40, 8), steps=1, batch_size=2, lr=1e-3, progress=False)
+    with pytest.raises(ValueError, match="data ran out after 0 training batches"):
+        lab.train(TINY, iter([np.ones((2, 8), np.int32)]), steps=3, batch_size=2, lr=1e-3, progress=False)
     with pytest.raises(TypeError, match="GPTConfig or a LabModel"):
         lab.train("gpt2", tasks.repeated_tokens(8, 8), steps=1, batch_size=2, lr=1e-3)
 
@@ -117,9 +119,11 @@ def test_gpt2_shape_round_trips_through_transformers(tmp_path):
 
 
 def test_custom_attention_saves_and_reloads_with_identical_logits(tmp_path):
-    result = lab.train(TINY, tasks.repeated_tokens(16, 24), steps=2, batch_size=4, lr=1e-2,
-                       attention_impl=attention.alibi, progress=False)
+    batches = (np.random.default_rng(step).integers(0, 16, (4, 24)) for step in range(3))  # any iterator
+    result = lab.train(TINY, batches, steps=2, batch_size=4, lr=1e-2, attention_impl=attention.alibi,
+                       progress=False)
     assert "induction" in result.history  # alibi returns probs: the heads are probed through it
+    assert result.model.tokenizer is None  # plain ids: no vocabulary to save
     directory = result.model.save(tmp_path / "alibi")
     assert json.loads((directory / "config.json").read_text())["attnjax_attention_impl"] == \
         "attnjax.lab.attention:alibi"

@@ -184,7 +184,11 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
     started = time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc="train", unit="step", file=sys.stderr, disable=not progress)
     for number in bar:
-        batch = checked_batch(next(batches), lab.vocab, lab.context, number)
+        try:
+            batch = checked_batch(next(batches), lab.vocab, lab.context, number)
+        except StopIteration:
+            raise ValueError(f"data ran out after {number - 1} training batches; train(steps={steps}) needs "
+                             f"{steps} (plus one for the probe when no probe is given).") from None
         params, opt_state, loss = step(params, opt_state, batch)
         window.append(float(loss))
         tokens += batch.shape[0] * (batch.shape[1] - 1)
@@ -194,7 +198,7 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
             rows.append(history_rows(model, params, probe, scores_impl, number, tokens, elapsed, np.mean(window)))
             window = []
     bar.close()
-    model = dataclasses.replace(model, params=params)
+    model.params = params  # this model is train's own copy (replaced above); keeps its compiled forward
     return TrainResult(model=model, history=pd.concat(rows, ignore_index=True))
 
 
