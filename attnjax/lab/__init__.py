@@ -1,8 +1,9 @@
 """attnjax.lab: train a small GPT with your own attention, check it, and watch heads form.
 
     from attnjax import lab
-    result = lab.train(lab.GPTConfig(layers=2, heads=4, width=64, vocab=64, context=64, mlp=False),
-                       lab.tasks.repeated_tokens(vocab=64, length=64), steps=600, batch_size=32, lr=3e-3)
+    config = lab.GPTConfig(layers=2, heads=4, width=64, vocab=64, context=512, mlp=False, family="llama")
+    result = lab.train(config, lab.tasks.repeated_tokens(vocab=64, length=64), steps=2000, batch_size=32,
+                       lr=3e-3, attention_impl=None)      # or lab.attention.alibi, or your own function
     result.history            # step, loss, and every head's scores and category over training
     result.model.save("induction-model")    # Hugging Face layout; attnjax.load / transformers read it
 

@@ -5,8 +5,8 @@ tokens (64 ids, 64 positions, the repeat at a moving offset: tasks.RepeatedToken
 batch 32, AdamW at 3e-3, 2000 steps. Measured on a 2-core CPU (benchmarks/lab.py): the
 layer-1 induction heads and the layer-0 previous-token head appear together after
 about 500 steps (the phase change of Olsson et al. 2022, where the loss drops from
-about ln 64 to about half of it). RoPE matters: with GPT-2's learned positions the same
-budget stays on the plateau (each position has to learn "look one back" on its own).
+about ln 64 to about half of it). RoPE matters: with GPT-2's learned positions a 1000-step
+run stayed on the plateau (each position has to learn "look one back" on its own).
 The context is 512 positions (RoPE adds no weights for them), so `attnjax report
 --model DIR` reads its default 484-character example as it is.
 

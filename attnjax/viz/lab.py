@@ -66,8 +66,9 @@ def category_chart(history: pd.DataFrame, *, cell: int = 40) -> alt.Chart:
         tooltip=[alt.Tooltip("step:Q"), alt.Tooltip("layer:O"), alt.Tooltip("head:O"), alt.Tooltip("category:N")]
         + [alt.Tooltip(f"{c}:Q", format=".3f") for c in scores], **encoding)
     labels = shown.mark_text(fontSize=10, color="white").encode(text="abbreviation:N", **encoding)
-    step_label = shown.transform_aggregate(step="max(step)").mark_text(
-        align="left", dy=-8, fontSize=12).encode(text=alt.Text("step:Q", format="d"), y=alt.value(-6), x=alt.value(0))
+    step_label = shown.transform_aggregate(step="max(step)").transform_calculate(
+        label="'step ' + datum.step").mark_text(align="left", fontSize=12).encode(
+        text="label:N", y=alt.value(-8), x=alt.value(0))
     return (cells + labels + step_label).add_params(slider)
 
 
@@ -90,4 +91,5 @@ def induction_chart(history: pd.DataFrame, *, width: int = 480, height: int = 24
 
 def training_charts(history: pd.DataFrame) -> alt.VConcatChart:
     """The three charts stacked: loss, categories (slider), induction scores."""
-    return alt.vconcat(loss_chart(history), category_chart(history), induction_chart(history))
+    return alt.vconcat(loss_chart(history), category_chart(history), induction_chart(history)).resolve_scale(
+        color="independent", strokeDash="independent")
