@@ -170,3 +170,16 @@ def test_lab_command_trains_saves_and_reports(tmp_path, capsys):
     assert model.tokenizer is not None and model.config.max_positions == 512
     assert cli.main(["lab", "text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_probe_runs_the_trained_attention_or_softmax_when_exact():
+    from attnjax.lab.train import probe_impl
+
+    assert probe_impl(attention.alibi) is attention.alibi     # returns probs: probed through itself
+    assert probe_impl(attention.softmax) == "auto"            # out only, but exact: the dense softmax path
+    assert probe_impl("reference") == "reference"
+
+    def out_only(q, k, v, *, mask, causal, scale):            # neither: the history keeps the loss only
+        return attention.linear(q, k, v, mask=mask, causal=causal, scale=scale)[0]
+
+    assert probe_impl(out_only) is None

@@ -27,6 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from attnjax import analysis
+from attnjax.models.attention import check_attention_impl
 from attnjax.lab.config import GPTConfig, new_model
 from attnjax.lab.model import LabModel, attach_tokenizer
 from attnjax.trace import Capture
@@ -110,10 +111,10 @@ def probe_frame(model, params, probe, impl) -> Optional[pd.DataFrame]:
 def probe_impl(impl):
     """The attention function the probe runs: the model's own when it returns probs; the
     dense softmax path ("auto") for one that claims exactness; None when neither."""
-    if impl == "auto":
+    if isinstance(impl, str):  # attnjax's own kernels: the probe takes the dense path
         return impl
-    q = jnp.ones((1, 2, 1, 2), jnp.float32)  # (B, T, N, H)
-    result = jax.eval_shape(lambda: impl(q, q, q, mask=jnp.ones((1, 2), bool), causal=True, scale=1.0))
+    q = jnp.ones((1, 8, 4, 8), jnp.float32)  # (B, T, N, H), check_attention's sizes
+    result = jax.eval_shape(lambda: impl(q, q, q, mask=jnp.ones((1, 8), bool), causal=True, scale=1.0))
     if isinstance(result, tuple):
         return impl
     return "auto" if getattr(impl, "exact", False) else None
@@ -125,8 +126,9 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
     """Train a GPTConfig (fresh init from ``seed``) or a LabModel (continue) on ``data``.
 
     data: a task from attnjax.lab.tasks, or any iterator of (batch, length) int arrays.
-    attention_impl: None (attnjax's softmax kernel) or fn(q, k, v, *, mask, causal, scale),
-    checked with check_attention before the first step. probe: (B, T) ids for the head
+    attention_impl: None (attnjax's softmax kernel, "auto"), a kernel name ("reference",
+    "blockwise", "pallas"), or fn(q, k, v, *, mask, causal, scale), checked with
+    check_attention before the first step. probe: (B, T) ids for the head
     history (default: PROBE_ROWS sequences drawn from the task, or the first batch of an
     iterator, which is then not trained on). Returns TrainResult(model, history).
     """
@@ -149,7 +151,10 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
                         f"got {type(config_or_model).__name__}.")
     lab = model.lab_config
     grouped = lab.kv_heads is not None and lab.kv_heads < lab.heads
-    impl = "auto" if attention_impl is None else check_attention(attention_impl, grouped=grouped)
+    if attention_impl is None or isinstance(attention_impl, str):  # attnjax's kernels: "auto", "reference", ...
+        impl = check_attention_impl("auto" if attention_impl is None else attention_impl)
+    else:
+        impl = check_attention(attention_impl, grouped=grouped)
     batches, task = batch_source(data, batch_size, seed)
     if task is not None:
         if task.vocab > lab.vocab:
@@ -162,7 +167,7 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
     if probe is None:
         probe = next(batches)
     probe = checked_batch(probe, lab.vocab, lab.context, 0)[:, :lab.context]
-    model = dataclasses.replace(model, attention_impl=None if attention_impl is None else impl)
+    model = dataclasses.replace(model, attention_impl=None if isinstance(impl, str) else impl)
     scores_impl = probe_impl(impl)
     if scores_impl is None:
         warnings.warn("attention_impl returns no attention probabilities and does not claim to be exact "
