@@ -92,9 +92,9 @@ def test_saved_model_loads_in_attnjax_and_transformers_with_the_same_logits(tiny
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in directory.iterdir()}
     ids = tasks.repeated_tokens(16, 24).probe_batch(2, seed=7)
-    want = np.asarray(tiny_run.model.forward(tiny_run.model.params, ids)[0].logits)
+    want = np.asarray(tiny_run.model.jit_forward(tiny_run.model.params, ids)[0].logits)
     loaded = attnjax.load(directory)
-    np.testing.assert_array_equal(np.asarray(loaded.forward(loaded.params, ids)[0].logits), want)
+    np.testing.assert_array_equal(np.asarray(loaded.jit_forward(loaded.params, ids)[0].logits), want)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
     with torch.no_grad():
         theirs = hf(torch.tensor(ids).long()).logits.numpy()
@@ -112,7 +112,7 @@ def test_gpt2_shape_round_trips_through_transformers(tmp_path):
     model = lab.LabModel.wrap(lab.new_model(config, seed=3), config)
     directory = model.save(tmp_path / "gpt2")
     ids = np.arange(1, 11, dtype=np.int32)[None]  # (1, 10)
-    want = np.asarray(model.forward(model.params, ids)[0].logits)
+    want = np.asarray(model.jit_forward(model.params, ids)[0].logits)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
     with torch.no_grad():
         np.testing.assert_allclose(hf(torch.tensor(ids).long()).logits.numpy(), want, atol=1e-5, rtol=1e-5)
@@ -130,10 +130,10 @@ def test_custom_attention_saves_and_reloads_with_identical_logits(tmp_path):
     reloaded = lab.load(directory)
     assert reloaded.attention_impl is attention.alibi
     ids = tasks.repeated_tokens(16, 24).probe_batch(2, seed=3)
-    trained = result.model.forward(result.model.params, ids, attention_impl=result.model.impl)[0].logits
-    again = reloaded.forward(reloaded.params, ids, attention_impl=reloaded.impl)[0].logits
+    trained = result.model.jit_forward(result.model.params, ids, attention_impl=result.model.impl)[0].logits
+    again = reloaded.jit_forward(reloaded.params, ids, attention_impl=reloaded.impl)[0].logits
     np.testing.assert_array_equal(np.asarray(again), np.asarray(trained))
-    softmax = reloaded.forward(reloaded.params, ids)[0].logits  # attnjax.load's default: softmax
+    softmax = reloaded.jit_forward(reloaded.params, ids)[0].logits  # attnjax.load's default: softmax
     assert not np.allclose(np.asarray(softmax), np.asarray(trained))
 
 

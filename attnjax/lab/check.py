@@ -22,6 +22,7 @@ failure raises AttentionCheckError naming its check:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -46,15 +47,33 @@ class AttentionCheckError(ValueError):
 
 
 def inputs(seed: int, kv_heads: int = HEADS):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(keys[0], (BATCH, LENGTH, HEADS, HEAD_DIM))  # (B, T, Hq, H)
-    k = jax.random.normal(keys[1], (BATCH, LENGTH, kv_heads, HEAD_DIM))  # (B, T, Hkv, H)
-    v = jax.random.normal(keys[2], (BATCH, LENGTH, kv_heads, HEAD_DIM))  # (B, T, Hkv, H)
+    """Random q (B, T, Hq, H), k and v (B, T, Hkv, H) as float32 numpy arrays (numpy, so that
+    building and perturbing them compiles nothing)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((BATCH, LENGTH, HEADS, HEAD_DIM), dtype=np.float32)  # (B, T, Hq, H)
+    k = rng.standard_normal((BATCH, LENGTH, kv_heads, HEAD_DIM), dtype=np.float32)  # (B, T, Hkv, H)
+    v = rng.standard_normal((BATCH, LENGTH, kv_heads, HEAD_DIM), dtype=np.float32)  # (B, T, Hkv, H)
     return q, k, v
 
 
+def changed_at(x: np.ndarray, position: int) -> np.ndarray:
+    """A copy of x (B, T, ...) with every value at sequence position ``position`` moved by 3."""
+    x = x.copy()
+    x[:, position] += 3.0
+    return x
+
+
 def jitted(fn):
-    """fn under jax.jit (training jits it too), returning (out, probs or None)."""
+    """fn under jax.jit (training jits it too), returning (out, probs or None); one per
+    function, so checking it again (train checks too) reuses the compiled programs."""
+    try:
+        return cached_jit(fn)
+    except TypeError:  # an unhashable callable: compile afresh
+        return cached_jit.__wrapped__(fn)
+
+
+@functools.lru_cache(maxsize=32)
+def cached_jit(fn):
     def run(q, k, v, mask, causal):
         result = fn(q, k, v, mask=mask, causal=causal, scale=HEAD_DIM ** -0.5)
         return result if isinstance(result, tuple) else (result, None)
@@ -64,8 +83,9 @@ def jitted(fn):
 
 def call(fn, q, k, v, mask=None, causal=True):
     """fn, a jitted(...) function, on these inputs: (out, probs or None)."""
-    mask = jnp.ones(q.shape[:2], bool) if mask is None else mask  # (B, T)
-    return fn(q, k, v, mask, causal=causal)
+    mask = np.ones(q.shape[:2], bool) if mask is None else mask  # (B, T)
+    out, probs = fn(q, k, v, mask, causal=causal)
+    return out, probs
 
 
 def check_shape(name: str, array, expected, axes) -> None:
@@ -120,9 +140,8 @@ def check_attention(fn, *, exact: Optional[bool] = None, grouped: bool = False):
 def check_causality(fn, q, k, v) -> None:
     base, _ = call(fn, q, k, v)
     for position in range(1, LENGTH):
-        changed = [x.at[:, position].add(3.0) for x in (q, k, v)]
-        out, _ = call(fn, *changed)
-        diff = float(jnp.abs(out[:, :position] - base[:, :position]).max())
+        out, _ = call(fn, *(changed_at(x, position) for x in (q, k, v)))
+        diff = float(np.abs(np.asarray(out)[:, :position] - np.asarray(base)[:, :position]).max())
         if diff > CAUSAL_TOLERANCE:
             raise AttentionCheckError(
                 "causality", f"changing token {position} changed the outputs at earlier positions "
@@ -131,10 +150,11 @@ def check_causality(fn, q, k, v) -> None:
 
 
 def check_padding(fn, q, k, v) -> None:
-    mask = jnp.ones((BATCH, LENGTH), bool).at[:, LENGTH - 1].set(False).at[:, 2].set(False)  # (B, T)
+    mask = np.ones((BATCH, LENGTH), bool)  # (B, T)
+    mask[:, [2, LENGTH - 1]] = False
     base, _ = call(fn, q, k, v, mask=mask, causal=False)
-    out, _ = call(fn, q, k.at[:, 2].add(3.0), v.at[:, 2].add(3.0), mask=mask, causal=False)
-    diff = float(jnp.abs(out - base).max())
+    out, _ = call(fn, q, changed_at(k, 2), changed_at(v, 2), mask=mask, causal=False)
+    diff = float(np.abs(np.asarray(out) - np.asarray(base)).max())
     if diff > CAUSAL_TOLERANCE:
         raise AttentionCheckError("padding", f"changing a key the mask marks as padding (position 2) changed "
                                              f"the outputs by up to {diff:.3g}; give keys with mask False no weight.")
@@ -154,12 +174,18 @@ def check_gradients(fn, q, k, v) -> None:
                                                "backward pass (jax.custom_vjp).") from None
 
 
+@functools.partial(jax.jit, static_argnames="causal")
+def reference(q, k, v, *, causal: bool):
+    """Dense softmax attention (kernels' reference) without padding."""
+    return kernels.attention(q, k, v, mask=jnp.ones(q.shape[:2], bool), causal=causal, scale=HEAD_DIM ** -0.5,
+                             impl="reference")
+
+
 def check_exact(fn, q, k, v) -> None:
     for causal in (True, False):
         out, _ = call(fn, q, k, v, causal=causal)
-        want = kernels.attention(q, k, v, mask=jnp.ones((BATCH, LENGTH), bool), causal=causal,
-                                 scale=HEAD_DIM ** -0.5, impl="reference")
-        diff = float(jnp.abs(out - want).max())
+        want = reference(q, k, v, causal=causal)
+        diff = float(np.abs(np.asarray(out) - np.asarray(want)).max())
         if diff > EXACT_TOLERANCE:
             raise AttentionCheckError("exact", f"fn claims to be exact (fn.exact = True) but differs from softmax "
                                                f"attention by up to {diff:.3g} (causal={causal}); drop the claim "
