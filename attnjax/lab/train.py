@@ -126,11 +126,11 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
     """Train a GPTConfig (fresh init from ``seed``) or a LabModel (continue) on ``data``.
 
     data: a task from attnjax.lab.tasks, or any iterator of (batch, length) int arrays.
-    attention_impl: None (attnjax's softmax kernel, "auto"), a kernel name ("reference",
-    "blockwise", "pallas"), or fn(q, k, v, *, mask, causal, scale), checked with
-    check_attention before the first step. probe: (B, T) ids for the head
-    history (default: PROBE_ROWS sequences drawn from the task, or the first batch of an
-    iterator, which is then not trained on). Returns TrainResult(model, history).
+    attention_impl: None (a LabModel's own function, else attnjax's softmax kernel), a
+    kernel name ("reference", "blockwise", "pallas"), or fn(q, k, v, *, mask, causal,
+    scale), checked with check_attention before the first step. probe: (B, T) ids for the
+    head history (default: PROBE_ROWS sequences drawn from the task, or the first batch
+    of an iterator, which is then not trained on). Returns TrainResult(model, history).
     """
     from attnjax.lab.check import check_attention
 
@@ -150,6 +150,8 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
         raise TypeError(f"train: expected a GPTConfig or a LabModel (a TrainResult's model); "
                         f"got {type(config_or_model).__name__}.")
     lab = model.lab_config
+    if attention_impl is None:  # a LabModel goes on with the attention it was trained with
+        attention_impl = model.attention_impl
     grouped = lab.kv_heads is not None and lab.kv_heads < lab.heads
     if attention_impl is None or isinstance(attention_impl, str):  # attnjax's kernels: "auto", "reference", ...
         impl = check_attention_impl("auto" if attention_impl is None else attention_impl)
@@ -161,9 +163,9 @@ def train(config_or_model, data, *, steps: int, batch_size: int, lr: float, seed
             raise ValueError(f"data has {task.vocab} token ids but GPTConfig(vocab={lab.vocab}); raise vocab.")
         model = attach_tokenizer(model, task)
         if probe is None:
-            rows = min(batch_size, PROBE_ROWS)
-            probe = task.probe_batch(rows, seed + 1) if hasattr(task, "probe_batch") else \
-                next(task.batches(rows, seed + 1))
+            probe_rows = min(batch_size, PROBE_ROWS)
+            probe = task.probe_batch(probe_rows, seed + 1) if hasattr(task, "probe_batch") else \
+                next(task.batches(probe_rows, seed + 1))
     if probe is None:
         probe = next(batches)
     probe = checked_batch(probe, lab.vocab, lab.context, 0)[:, :lab.context]
