@@ -6,6 +6,7 @@ ValueError, which the command line prints in one line with exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def add_parser(commands) -> None:
         parser.add_argument("--out", type=Path, required=True, help="directory to save the model in")
         parser.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
         parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default 0)")
-        parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def check_out(path: Path) -> None:
