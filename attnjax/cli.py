@@ -6,6 +6,7 @@
     attnjax report --text "She went home." --compare "He went home."
     attnjax report --text "Where is it?" --pair "Two streets north."   # a BERT sentence pair
     attnjax profile corpus.txt --out heads.csv       # per-head scores over a corpus (attnjax/profile_cli.py)
+    attnjax lab induction --out induction-model      # train a small GPT, watch heads form
 
 Bad input (missing file, empty text, unknown model, unwritable output, over-long
 text without --max-length) is reported in one line on stderr with exit status 2;
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from attnjax.profile_cli import add_parser as add_profile_parser
 
     add_profile_parser(commands, DTYPES)
+
+    from attnjax.lab import commands as lab_commands  # `attnjax lab`: attnjax/lab/commands.py
+
+    lab_commands.add_parser(commands)
     return parser
 
 
@@ -86,6 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "report":
             return run_report(args)
+        if args.command == "lab":
+            from attnjax.lab import commands as lab_commands
+
+            return lab_commands.run(args)
         from attnjax.profile_cli import run_profile
 
         return run_profile(args)

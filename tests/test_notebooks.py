@@ -20,6 +20,7 @@ WRITES = {
     "corpus_profile.ipynb": ("corpus_profile.html",),
     "generation.ipynb": ("generation_view.html", "generation_spans.html"),
     "inside_a_head.ipynb": ("head_view.html", "steps.html", "qk_map.html", "structure.html"),
+    "custom_attention_lab.ipynb": ("lab_training.html",),
 }
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -52,6 +53,8 @@ def small_sizes(name: str, directory: Path, monkeypatch) -> None:
         (model_dir / "chat_template.jinja").write_text(CHATML)
         monkeypatch.setenv("ATTNJAX_MODEL", str(model_dir))
         monkeypatch.setenv("ATTNJAX_NEW_TOKENS", "8")
+    if name == "custom_attention_lab.ipynb":
+        monkeypatch.setenv("ATTNJAX_LAB_STEPS", "20")  # the recipe's model, 20 steps instead of 2000
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
