@@ -20,7 +20,8 @@ so this shows the sharded path's overhead, not a speed-up), and the peak RSS of 
 fresh process profiling 500 and 2,000 texts from a generator (memory must stay flat).
 On a GPU the same script runs attnjax on the GPU (the torch baseline stays on CPU).
 
-    python benchmarks/profile.py [--texts 2000] [--devices 1,2,4] [--memory 500,2000] [--no-torch]
+    python benchmarks/profile.py [--texts 2000] [--devices 1,2,4] [--device-texts N] [--memory 500,2000] [--no-torch]
+    python benchmarks/profile.py --texts 0 --devices "" --memory 500,2000     # memory only
 """
 
 from __future__ import annotations
@@ -154,14 +155,29 @@ def run_transformers(count: int) -> dict:
             "means": means}
 
 
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss(count: int) -> dict:
+    """Peak RSS while profiling: loading the model peaks higher than profiling does, so the
+    peak is reset after loading (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
     import attnjax
 
     model = attnjax.load("minilm")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    before = _status_mb("VmRSS")
     attnjax.profile(model, corpus(count), batch_size=BATCH, max_length=256, progress=False)
-    return {"texts": count, "rss_before_mb": before,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"texts": count, "load_peak_mb": load_peak, "rss_before_mb": before, "reset": reset,
+            "peak_rss_mb": _status_mb("VmHWM"), "rss_after_mb": _status_mb("VmRSS")}
 
 
 def in_subprocess(mode: str, count: int, devices: int = 1) -> dict:
@@ -201,10 +217,11 @@ def main() -> None:
 
     print(f"MiniLM, {args.texts} texts of 8-256 tokens, batch {BATCH}; backend {jax.default_backend()}, "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
-    ours = run_attnjax(args.texts, devices=False)
-    print(f"attnjax.profile           {rate(ours)}   (warm-up with compilation {ours['first']:.1f} s, "
-          f"timed run {ours['seconds']:.1f} s, {ours['tokens']} tokens)")
-    if not args.no_torch:
+    if args.texts:
+        ours = run_attnjax(args.texts, devices=False)
+        print(f"attnjax.profile           {rate(ours)}   (warm-up with compilation {ours['first']:.1f} s, "
+              f"timed run {ours['seconds']:.1f} s, {ours['tokens']} tokens)")
+    if args.texts and not args.no_torch:
         theirs = run_transformers(args.texts)
         print(f"transformers + numpy      {rate(theirs)}   (timed run {theirs['seconds']:.1f} s, "
               f"{theirs['tokens']} tokens)")
@@ -222,7 +239,9 @@ def main() -> None:
         print("\nPeak RSS of a fresh process profiling a generator of N texts:")
         for count in [int(c) for c in args.memory.split(",")]:
             run = in_subprocess("memory", count)
-            print(f"  {count:6d} texts: {run['peak_rss_mb']:7.0f} MB peak (after loading: {run['rss_before_mb']:.0f} MB)")
+            print(f"  {count:6d} texts: {run['peak_rss_mb']:7.0f} MB peak while profiling (RSS {run['rss_before_mb']:.0f} MB "
+                  f"before, {run['rss_after_mb']:.0f} MB after; loading the model peaked at {run['load_peak_mb']:.0f} MB"
+                  f"{'' if run['reset'] else '; peak not reset: it includes loading'})")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
