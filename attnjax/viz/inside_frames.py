@@ -11,12 +11,15 @@ Positions are 0-based token positions; padding is left out.
 
 from __future__ import annotations
 
+import json
 from typing import Dict, Optional, Sequence, Tuple
 
+import altair as alt
 import numpy as np
 import pandas as pd
 
 from attnjax.trace import Trace
+from attnjax.viz.common import records
 from attnjax.viz.frames import sequence_tokens, truncate
 
 # The head view draws every query -> key line up to this many tokens; above it only
@@ -95,7 +98,7 @@ def head_view_frames(trace: Trace, layers: Optional[Sequence[int]] = None, *, se
     keep = int(top_k) if top_k is not None else (DEFAULT_TOP_K if n > HEAD_VIEW_MAX_TOKENS else None)
     if keep is not None and keep >= n:
         keep = None
-    attention = np.asarray(trace.attention[:, sequence], np.float32)                 # (L, H, T, T)
+    attention = np.asarray(trace.attention)[:, sequence].astype(np.float32)          # (L, H, T, T)
     maps = attention[np.ix_(rows, range(attention.shape[1]), positions, positions)]  # (L', H, n, n)
     if keep is not None:
         cutoff = -np.sort(-maps, axis=-1)[..., keep - 1:keep]                       # (L', H, n, 1)
@@ -132,9 +135,10 @@ def _head_vectors(trace: Trace, index: int, sequence: int, head: int, positions:
     """q (n, D), k (n, D), v (n, D) of one query head over the non-padding positions."""
     heads, kv_heads = trace.queries.shape[2], trace.keys.shape[2]
     kv_head = head // (heads // kv_heads)
-    q = np.asarray(trace.queries[index, sequence, head], np.float64)[positions]       # (n, D)
-    k = np.asarray(trace.keys[index, sequence, kv_head], np.float64)[positions]       # (n, D)
-    v = np.asarray(trace.values[index, sequence, kv_head], np.float64)[positions]     # (n, D)
+    # Index in numpy: a JAX index op compiles once per shape (~0.1 s each on a CPU).
+    q = np.asarray(trace.queries)[index, sequence, head][positions].astype(np.float64)   # (n, D)
+    k = np.asarray(trace.keys)[index, sequence, kv_head][positions].astype(np.float64)   # (n, D)
+    v = np.asarray(trace.values)[index, sequence, kv_head][positions].astype(np.float64)  # (n, D)
     return q, k, v, kv_head
 
 
@@ -275,3 +279,11 @@ def qk_embedding_frames(trace: Trace, layer: int, heads: Sequence[int], *, seque
         pair_frames.append(pd.DataFrame(rows, columns=["head", "query", "key", "weight", "x", "y", "x2", "y2"]))
     info = {"layer": int(layer), "method": method, "variance": shares, "tokens": len(positions)}
     return pd.concat(point_frames, ignore_index=True), pd.concat(pair_frames, ignore_index=True), info
+
+
+def inline_json(frame: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> alt.InlineData:
+    """Inline data as one JSON string (rows as ``attnjax.viz.common.records`` makes them:
+    4 significant digits, text made visible). Vega parses it in the page; Altair copies
+    and validates one string instead of thousands of row dicts (3-5x faster specs)."""
+    return alt.InlineData(values=json.dumps(records(frame, columns), ensure_ascii=False, allow_nan=False),
+                          format=alt.DataFormat(type="json"))

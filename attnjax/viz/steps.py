@@ -13,8 +13,8 @@ import altair as alt
 import pandas as pd
 
 from attnjax.trace import Trace
-from attnjax.viz.common import inline, label_expr, label_param, title, visible_text
-from attnjax.viz.inside_frames import attention_step_frames
+from attnjax.viz.common import label_expr, label_param, title, visible_text
+from attnjax.viz.inside_frames import inline_json, attention_step_frames
 
 CELL = 7            # px per head_dim cell
 ROW = 16            # px per key row
@@ -23,8 +23,8 @@ DIVERGING = alt.Scale(scheme="redblue", domainMid=0, reverse=True)
 
 
 def _vector_map(frame: pd.DataFrame, heading: str, field: str, head_dim: int, legend_title: str) -> alt.Chart:
-    return (
-        alt.Chart(inline(frame, ["row", "dim", field]), title=alt.TitleParams(heading, anchor="start", fontSize=12),
+    chart = (
+        alt.Chart(title=alt.TitleParams(heading, anchor="start", fontSize=12),
                   width=head_dim * CELL, height=alt.Step(ROW))
         .mark_rect()
         .encode(
@@ -36,11 +36,12 @@ def _vector_map(frame: pd.DataFrame, heading: str, field: str, head_dim: int, le
                      alt.Tooltip(f"{field}:Q", format=".4f")],
         )
     )
+    chart.data = inline_json(frame, ["row", "dim", field])  # attached last: Altair deep-copies data on every call
+    return chart
 
 
 def _bars(keys: pd.DataFrame, field: str, heading: str, *, show_y: bool, fmt: str = ".3f") -> alt.LayerChart:
-    base = alt.Chart(inline(keys, ["key", "token", field]), title=alt.TitleParams(heading, anchor="start", fontSize=12),
-                     width=BAR_WIDTH, height=alt.Step(ROW))
+    base = alt.Chart()
     # Keys in position order; labels from the step_labels parameter (data, never expression text).
     y = alt.Y("key:O", title=None, axis=alt.Axis(labelExpr=label_expr("step_labels"), labelFontSize=10,
                                                  labelLimit=160) if show_y else None)
@@ -52,7 +53,10 @@ def _bars(keys: pd.DataFrame, field: str, heading: str, *, show_y: bool, fmt: st
         shown_text=f"isValid(datum.{field}) ? format(datum.{field}, '{fmt}') : '\u2212\u221e (masked)'"
     ).mark_text(align="left", dx=4, fontSize=9, color="#222").encode(
         y=y, x=alt.value(BAR_WIDTH), text="shown_text:N")
-    return alt.layer(bars, numbers)
+    panel = alt.layer(bars, numbers).properties(
+        title=alt.TitleParams(heading, anchor="start", fontSize=12), width=BAR_WIDTH, height=alt.Step(ROW))
+    panel.data = inline_json(keys, ["key", "token", field])  # attached last: Altair deep-copies data on every call
+    return panel
 
 
 def attention_steps(trace: Trace, layer: int, head: int, query: int, *, sequence: int = 0) -> alt.VConcatChart:
