@@ -226,7 +226,7 @@ class Explorer:
         """The ipywidgets view: text box, layer/head/scale selectors, message line, charts."""
         return _ExplorerWidget(self, _widgets()).box
 
-    def _ipython_display_(self):  # pragma: no cover - needs a notebook front end
+    def _ipython_display_(self):
         from IPython.display import display
 
         try:

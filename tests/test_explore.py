@@ -115,7 +115,7 @@ def test_the_widget_is_wired_to_the_methods(explorer):
     assert explorer.scale == "absolute"
 
 
-def test_without_ipywidgets_the_explorer_names_the_install(explorer, monkeypatch):
+def test_without_ipywidgets_the_explorer_names_the_install(explorer, monkeypatch, capsys):
     real_import = builtins.__import__
 
     def no_widgets(name, *args, **kwargs):
@@ -126,7 +126,12 @@ def test_without_ipywidgets_the_explorer_names_the_install(explorer, monkeypatch
     monkeypatch.setattr(builtins, "__import__", no_widgets)
     with pytest.raises(ImportError, match=r"pip install ipywidgets"):
         explorer.widget()
-    assert "pip install ipywidgets" in explorer_module.WIDGETS_MISSING
+    # Displayed in a notebook without widgets: the message, then the two charts.
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *objects, **_: shown.extend(objects))
+    explorer._ipython_display_()
+    assert "pip install ipywidgets" in capsys.readouterr().out
+    assert shown == [explorer.heatmap(), explorer.overview()]
 
 
 def test_a_bad_first_text_is_a_clear_error(minilm):

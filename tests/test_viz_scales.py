@@ -201,3 +201,12 @@ def test_overview_and_heatmap_fit_the_page_at_200_tokens():
     # The report draws 200 tokens on MiniLM as pooled 64 x 64 maps (over the full-map budget).
     pooled = long_frame(np.broadcast_to(near_uniform_map(64), (6, 12, 64, 64)).copy(), pooled=True)
     assert svg_width(viz.model_overview(pooled)) <= PAGE_CONTENT_WIDTH
+
+
+def test_report_offers_every_colour_scale():
+    from attnjax.cli import build_parser
+
+    assert build_parser().parse_args(["report", "--scale", "absolute"]).scale == "absolute"
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["report"]._actions
+                  if a.dest == "scale")
+    assert tuple(action.choices) == SCALES

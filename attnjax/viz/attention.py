@@ -41,6 +41,7 @@ from attnjax.viz.common import (
     title,
     uniform_deviation,
     weight_range,
+    with_params,
 )
 from attnjax.viz.frames import HEATMAP_MAX_TOKENS, OVERVIEW_MAX_WEIGHTS, maps_from_frame, truncate
 from attnjax.viz.images import thumbnail
@@ -150,10 +151,9 @@ def attention_heatmap(
             ],
             **encoding,
         )
-        .add_params(q_labels, k_labels, alt.selection_interval(name="heatmap_zoom", bind="scales"))
         .properties(usermeta=renderer_hint(len(cells)))
     )
-    return chart
+    return with_params(chart, q_labels, k_labels, alt.selection_interval(name="heatmap_zoom", bind="scales"))
 
 
 def model_overview(
@@ -306,12 +306,9 @@ def overview_from_maps(maps: np.ndarray, layer_ids, head_ids, q_tokens, k_tokens
     subtitle = [pooled_note(note_frame), f"{n_layers} layers x {n_heads} heads, {n_q} {'bins' if pooled else 'tokens'}; "
                 + ("thumbnails on a fixed 0-1 scale" if scale == "absolute" else f"thumbnails scaled per head ({scale})")
                 + f", colour scheme {scheme}"]
-    return (
-        alt.hconcat(grid_chart, detail, spacing=32)
-        .add_params(q_labels, k_labels, heads_info)
-        .resolve_scale(color="independent")
-        .properties(title=title("Model overview", subtitle), usermeta=renderer_hint(n_q * n_k + grid.shape[0]))
-    )
+    chart = (alt.hconcat(grid_chart, detail, spacing=32).resolve_scale(color="independent")
+             .properties(title=title("Model overview", subtitle), usermeta=renderer_hint(n_q * n_k + grid.shape[0])))
+    return with_params(chart, q_labels, k_labels, heads_info)
 
 
 def _binding(ids: np.ndarray, name: str):

@@ -257,6 +257,14 @@ def label_param(name: str, labels: Mapping[int, str] | Sequence[str]) -> alt.Par
     return alt.param(name=name, value={str(int(k)): visible_text(v) for k, v in labels.items()})
 
 
+def with_params(chart, *params: alt.Parameter):
+    """``chart`` with ``params`` appended in place: ``add_params`` deep-copies the whole
+    chart and every parameter value (token labels: ~0.1-0.5 s for a MiniLM overview)."""
+    existing = [] if chart.params is alt.Undefined else list(chart.params)
+    chart.params = existing + [p.param for p in params]
+    return chart
+
+
 def label_expr(param_name: str) -> str:
     return f"{param_name}[datum.value] || ''"
 
