@@ -73,8 +73,9 @@ def attnjax_analysis(trace):
 # ------------------------------------------------------------------ the usual way
 
 
-def numpy_anomalies(attention, mask, ids, tokens, scores, similarity, *, mass=0.9, window=2, decisive=0.5):
+def numpy_anomalies(attention, mask, ids, tokens, scores, similarity, *, mass=0.98, window=2, decisive=0.5):
     """The anomaly scores of attnjax.analysis.anomalies, vectorised numpy (float32)."""
+    # (attnjax's defaults: top-2 mass 0.98; its minimum lengths never bind at 128 tokens)
     num_layers, batch, heads, seq, _ = attention.shape
     top2 = np.partition(attention, seq - 2, axis=-1)[..., -2:].sum(-1)  # (L, B, H, T)
     argmax = attention.argmax(-1)  # (L, B, H, T)

@@ -20,7 +20,8 @@ def minilm():
     return attnjax.load("minilm")
 
 
-# The per-row implementation of classify_heads before it was vectorised: the reference.
+# The per-row implementation of classify_heads before it was vectorised: the reference
+# (with the chance-corrected thresholds of issue 10's length-aware taxonomy).
 def reference_classify_heads(scores: pd.DataFrame, thresholds=None) -> pd.DataFrame:
     limits = resolve_thresholds(HeadThresholds, thresholds, "head")
     result = scores.copy()
@@ -38,22 +39,40 @@ def reference_classify_heads(scores: pd.DataFrame, thresholds=None) -> pd.DataFr
     return result
 
 
+# The chance column of each mass score (taxonomy.py: thresholds count mass above chance).
+CHANCE = {"previous_token": "chance_key", "next_token": "chance_key", "self": "chance_key",
+          "first_token": "chance_key", "cls": "chance_cls", "sep": "chance_sep",
+          "punctuation": "chance_punctuation"}
+
+
+def _cut(row: pd.Series, column: str, threshold: float) -> float:
+    chance_column = CHANCE.get(column)
+    if chance_column is None or chance_column not in row.index:
+        return float(threshold)
+    chance = 0.0 if not np.isfinite(row[chance_column]) else float(row[chance_column])
+    return chance + threshold * (1.0 - chance)
+
+
 def _reference_row(row: pd.Series, limits: HeadThresholds):
     best = None  # (ratio, category, column, value, threshold)
     for category, field, columns in _MASS_RULES:
-        threshold = getattr(limits, field)
-        available = [(row[c], c) for c in columns if c in row.index and np.isfinite(row[c])]
+        base = getattr(limits, field)
+        available = [(row[c] / _cut(row, c, base), c) for c in columns if c in row.index and np.isfinite(row[c])]
         if not available:
             continue
-        value, column = max(available)
-        if value >= threshold and (best is None or value / threshold > best[0]):
-            best = (value / threshold, category, column, float(value), threshold)
+        ratio, column = max(available)
+        value, threshold = float(row[column]), _cut(row, column, base)
+        if value >= threshold and (best is None or ratio > best[0]):
+            best = (ratio, category, column, value, threshold)
     if best is not None:
         return best[1:]
     if np.isfinite(row["normalized_entropy"]) and row["normalized_entropy"] >= limits.broad:
         return "broad", "normalized_entropy", float(row["normalized_entropy"]), limits.broad
-    if np.isfinite(row["mean_distance"]) and row["mean_distance"] <= limits.local:
-        return "local", "mean_distance", float(row["mean_distance"]), limits.local
+    local = float(limits.local)
+    if "chance_distance" in row.index and np.isfinite(row["chance_distance"]):
+        local = min(local, 0.5 * float(row["chance_distance"]))
+    if np.isfinite(row["mean_distance"]) and row["mean_distance"] <= local:
+        return "local", "mean_distance", float(row["mean_distance"]), local
     return "mixed", "", float("nan"), float("nan")
 
 
