@@ -38,6 +38,7 @@ from attnjax.viz.common import (
     renderer_hint,
     require_columns,
     score_columns,
+    visible_text,
     title,
     uniform_deviation,
     weight_range,
@@ -121,8 +122,11 @@ def attention_heatmap(
     weights = maps[0, 0]                                                       # (Q, K)
     q_index, k_index = np.indices(weights.shape).reshape(2, -1)
     cells = pd.DataFrame({"query": queries[q_index], "key": keys[k_index], "weight": weights.reshape(-1)})
-    q_table = pd.DataFrame({"position": queries, "token": list(q_tokens), "index": np.arange(len(queries))})
-    k_table = pd.DataFrame({"position": keys, "token": list(k_tokens), "index": np.arange(len(keys))})
+    # visible text before pandas: an Arrow string column (pandas with pyarrow) cannot hold a lone surrogate
+    q_table = pd.DataFrame({"position": queries, "token": [visible_text(t) for t in q_tokens],
+                            "index": np.arange(len(queries))})
+    k_table = pd.DataFrame({"position": keys, "token": [visible_text(t) for t in k_tokens],
+                            "index": np.arange(len(keys))})
     q_labels = label_param("query_labels", [truncate(t) for t in q_tokens])
     k_labels = label_param("key_labels", [truncate(t) for t in k_tokens])
     cell = _cell_size(max(len(queries), len(keys)), size)
