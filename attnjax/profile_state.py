@@ -1,10 +1,12 @@
 """The running sums of attnjax.profile, and their checkpoints.
 
 ``Accumulator`` holds float64 sums that add up exactly across batches, devices,
-processes and resumed runs: per (layer, head) the sum of every score over its eligible
-queries, per layer the eligible-query counts (as in attnjax.analysis.scores.score_sums),
-and, for each head's spread across texts, the sum and sum of squares of each text's
-own mean and the number of texts that had an eligible query.
+processes and resumed runs, named as attnjax.analysis.scores.score_sums and chance_sums
+name them: per (layer, head) the sum of every score over its eligible queries (and
+anomaly_sums's concentrated_on split), per layer the chance-baseline sums and the
+eligible-query counts (one per name of the analysis' _ELIGIBLE, the long-only counts of
+concentrated / jump included), and, for each head's spread across texts, the sum and
+sum of squares of each text's own mean and the number of texts that had an eligible query.
 
 Checkpoints are plain .npz archives (numbers and strings only; read back with
 allow_pickle=False), written to a temporary file beside the target and renamed over it
@@ -19,18 +21,21 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from attnjax.analysis.scores import _ELIGIBLE, SCORE_COLUMNS
+from attnjax.analysis.scores import _ELIGIBLE, ANOMALY_SUMS, CHANCE_COLUMNS, SCORE_COLUMNS
 
-ANOMALY_SUMS = ("on_first", "on_special")  # besides the score columns: concentrated_on's split
+HEAD_SUMS = tuple(dict.fromkeys(SCORE_COLUMNS + ANOMALY_SUMS))  # (L, H) each
+COUNTS = tuple(sorted(set(_ELIGIBLE.values())))  # (L,) eligible queries of each score
 SCALARS = {"n_texts": (), "n_tokens": (), "n_truncated": (), "maps_texts": (), "stats_texts": (), "present": (3,)}
-CHECKPOINT_VERSION = 1
+# 2: length-aware analysis (long-only counts, chance sums); a version-1 file lacks them.
+CHECKPOINT_VERSION = 2
 
 
 class Accumulator:
     def __init__(self, num_layers: int, num_heads: int):
         shape = (num_layers, num_heads)
-        self.sums = {name: np.zeros(shape) for name in SCORE_COLUMNS + ANOMALY_SUMS}  # (L, H)
-        self.counts = {name: np.zeros(num_layers) for name in sorted(set(_ELIGIBLE.values()))}  # (L,)
+        self.sums = {name: np.zeros(shape) for name in HEAD_SUMS}  # (L, H)
+        self.sums.update({name: np.zeros(num_layers) for name in CHANCE_COLUMNS})  # (L,) per layer
+        self.counts = {name: np.zeros(num_layers) for name in COUNTS}  # (L,)
         self.text_sum = {name: np.zeros(shape) for name in SCORE_COLUMNS}  # (L, H) sum of per-text means
         self.text_square = {name: np.zeros(shape) for name in SCORE_COLUMNS}  # (L, H) ... of their squares
         self.text_count = {name: np.zeros(shape) for name in SCORE_COLUMNS}  # (L, H) texts with a mean
@@ -40,11 +45,12 @@ class Accumulator:
         self.session_tokens = 0          # tokens counted by this run (progress only)
 
     def add_batch(self, sums: Dict[str, np.ndarray], counts: Dict[str, np.ndarray], batch, maps: bool) -> None:
-        """sums (B, L, H) and counts (B, L) of the valid rows of ``batch``."""
+        """sums (B, L, H) (chance sums: (B, L)) and counts (B, L) of the valid rows of ``batch``;
+        counts must hold every name of COUNTS (a KeyError names one missing)."""
         for name, value in sums.items():
             self.sums[name] += value.sum(0)
-        for name, value in counts.items():
-            self.counts[name] += value.sum(0)
+        for name in COUNTS:
+            self.counts[name] += counts[name].sum(0)
         for name in SCORE_COLUMNS:
             if name not in sums:
                 continue
@@ -85,6 +91,9 @@ class Accumulator:
         return arrays
 
     def load_numeric(self, arrays: Dict[str, np.ndarray]) -> None:
+        missing = sorted(set(self.numeric()) - set(arrays))
+        if missing:
+            raise ValueError(f"checkpoint lacks the arrays {', '.join(missing)}; delete it to start over.")
         for key, value in arrays.items():
             group, name = key.split(".", 1)
             target = getattr(self, group)

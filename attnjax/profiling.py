@@ -5,7 +5,12 @@
 One row per (layer, head) holding head_scores's columns over the corpus, equal to
 ``head_scores([run(model, t, capture=...) for t in texts])`` (to float32 rounding): each
 score is a sum over eligible queries divided by their count, and those sums and counts
-add up across batches, devices, hosts and resumed runs. Each batch runs as one jitted
+add up across batches, devices, hosts and resumed runs. The sums, counts and parameters
+are the analysis' own (attnjax.analysis.scores: _ELIGIBLE, LONG_COUNTS, ANOMALY_SUMS,
+anomaly_parameters, sequence_chance_sums), so the length-aware scores agree too:
+concentrated and jump count only texts long enough to judge (NaN, and said in
+``attrs["nan_columns"]``, when none is), and the chance columns classify_heads reads are
+the corpus means of the per-layer chance baselines. Each batch runs as one jitted
 step (forward with streaming statistics, then per-text sums) on the batch sharded over
 the mesh's "data" axis; the host adds the per-text sums in float64.
 
@@ -36,14 +41,14 @@ import numpy as np
 import pandas as pd
 
 from attnjax.analysis._common import CLS_TOKENS, PUNCTUATION_TOKENS, SEP_TOKENS
-from attnjax.analysis._terms import (CONCENTRATED_MASS, DECISIVE, LOCAL_WINDOW, anomaly_sums,
-                                     attention_score_terms, layer_windows)
-from attnjax.analysis.scores import (_ELIGIBLE, NEEDS_MAPS, SCORE_COLUMNS, query_weights, scores_frame,
+from attnjax.analysis._terms import anomaly_sums, attention_score_terms, layer_windows
+from attnjax.analysis.scores import (_ELIGIBLE, ANOMALY_SUMS, LONG_COUNTS, NEEDS_MAPS, SCORE_COLUMNS,
+                                     anomaly_parameters, query_weights, scores_frame, sequence_chance_sums,
                                      stats_terms)
 from attnjax.analysis.taxonomy import classify_heads
 from attnjax.corpus import SKIP_REASONS, Batcher, Done, TokenClasses
 from attnjax.parallel import allgather_ints, allgather_sum, check_mesh, data_size, params_on, place_params, put_batch
-from attnjax.profile_state import Accumulator, load_checkpoint, save_checkpoint
+from attnjax.profile_state import COUNTS, Accumulator, load_checkpoint, save_checkpoint
 from attnjax.trace import Capture
 
 # Full (T x T) maps are built only for buckets up to this length (memory: L x B x H x T x T).
@@ -105,7 +110,7 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
     layers = capture.resolve_layers(model.config.num_layers)
     windows = getattr(model.config, "windows", ())
     windows = layer_windows(tuple(windows[i] for i in layers) if windows else (), len(layers))
-    parameters = (LOCAL_WINDOW, CONCENTRATED_MASS, DECISIVE)
+    parameters = tuple(anomaly_parameters().items())  # head_scores's defaults, hashable (a static jit argument)
     share = (jax.process_index(), jax.process_count())
     path = fingerprint = None
     if checkpoint is not None:
@@ -139,12 +144,15 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
             result = corpus_step(params, arrays["input_ids"], arrays["mask"], arrays["token_type_ids"],
                                  arrays["classes"], forward=model.forward, capture=step_capture,
                                  causal=model.causal, windows=windows, parameters=parameters)
+            # the chance baselines depend only on the mask: numpy on the host while the step runs
+            chance = sequence_chance_sums(item.attention_mask[item.valid], item.classes[item.valid],
+                                          causal=model.causal, windows=windows)  # (B_valid, L) each
             if in_flight is not None:  # fetch the previous batch while this one runs
                 batches += 1
                 _finish(accumulator, *in_flight, bar, started)
                 if path is not None and batches % checkpoint_every == 0:
                     save_checkpoint(path, accumulator, in_flight[0].position, fingerprint)
-            in_flight = (item, result, maps)
+            in_flight = (item, result, chance, maps)
         if in_flight is not None:
             _finish(accumulator, *in_flight, bar, started)
         accumulator.add_skipped(done.position.skipped)
@@ -153,7 +161,7 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
         bar.close()
     if path is not None:
         save_checkpoint(path, accumulator, done.position, fingerprint)
-    return _frame(accumulator, classes, layers, capture, maps_max_length, thresholds)
+    return _frame(accumulator, classes, layers, capture, maps_max_length, thresholds, parameters)
 
 
 def skipped_texts(frame: pd.DataFrame) -> pd.DataFrame:
@@ -177,7 +185,9 @@ def _check_model(model) -> None:
 def _step(params, input_ids, mask, token_type_ids, classes, *, forward, capture, causal, windows, parameters,
           attention_impl="auto"):
     """Per-text sums (B, L, H) of every score over its eligible queries, per-text eligible
-    counts (B, L), and per-text anomaly sums, for one padded batch."""
+    counts (B, L) (every name of the analysis' _ELIGIBLE: query_weights's selectors, and
+    anomaly_sums's long-only counts), and per-text anomaly sums, for one padded batch.
+    parameters: anomaly_parameters() as (name, value) pairs."""
     _, trace = forward(params, input_ids, mask, token_type_ids, capture=capture, logits="none",
                        attention_impl=attention_impl)
     mask = mask.astype(bool)
@@ -193,18 +203,17 @@ def _step(params, input_ids, mask, token_type_ids, classes, *, forward, capture,
         for name in _CLASS_COLUMNS:
             out[name] = jnp.moveaxis(terms[f"{name}_total"], 1, 0)  # (B, L, H)
     special = classes[..., 0] + classes[..., 1] > 0  # (B, T)
-    local_window, concentrated_mass, decisive = parameters
 
     def one_text(max_weight, top2, argmax, text_mask, ids, text_special):  # (L, H, T) ..., (T,)
         return anomaly_sums(max_weight[:, None], top2[:, None], argmax[:, None], text_mask[None], ids[None],
-                            text_special[None], local_window=local_window, concentrated_mass=concentrated_mass,
-                            decisive=decisive, windows=windows)
+                            text_special[None], windows=windows, **dict(parameters))
 
     anomalies = jax.vmap(one_text, in_axes=(1, 1, 1, 0, 0, 0))(
         terms["max_weight"], terms["top2"], terms["argmax"], mask, input_ids, special)
-    for name in ("jump", "concentrated", "on_first", "on_special"):
+    for name in ANOMALY_SUMS:
         out[name] = anomalies[name]  # (B, L, H)
-    counts = {name: jnp.moveaxis(value.sum(-1), 1, 0) for name, value in weights.items()}  # (B, L)
+    counts = {name: jnp.moveaxis(weights[name].sum(-1), 1, 0) for name in COUNTS if name not in LONG_COUNTS}  # (B, L)
+    counts.update({name: anomalies[key] for name, key in LONG_COUNTS.items()})  # (B, L) texts long enough
     return out, counts
 
 
@@ -212,11 +221,12 @@ corpus_step = jax.jit(_step, static_argnames=("forward", "capture", "causal", "w
                                              "attention_impl"))
 
 
-def _finish(accumulator, batch, result, maps, bar, started) -> None:
+def _finish(accumulator, batch, result, chance, maps, bar, started) -> None:
     sums, counts = jax.device_get(result)
     valid = batch.valid
-    accumulator.add_batch({name: np.asarray(value, np.float64)[valid] for name, value in sums.items()},
-                          {name: np.asarray(value, np.float64)[valid] for name, value in counts.items()},
+    sums = {name: np.asarray(value, np.float64)[valid] for name, value in sums.items()}
+    sums.update(chance)  # (B_valid, L) each, already valid rows only
+    accumulator.add_batch(sums, {name: np.asarray(value, np.float64)[valid] for name, value in counts.items()},
                           batch, maps)
     accumulator.add_skipped(batch.position.skipped)
     bar.update(int(valid.sum()) + len(batch.position.skipped))
@@ -253,7 +263,7 @@ def _leaf_sums(leaves):
     return [jnp.sum(leaf.astype(jnp.float32)) for leaf in leaves]
 
 
-def _frame(accumulator, classes, layers, capture, maps_max_length, thresholds) -> pd.DataFrame:
+def _frame(accumulator, classes, layers, capture, maps_max_length, thresholds, parameters) -> pd.DataFrame:
     totals = accumulator.reduced(allgather_sum)
     skipped = allgather_ints(np.asarray(accumulator.skipped, np.int64).reshape(-1)).reshape(-1, 2)
     first_ids = np.unique(allgather_ints(np.asarray(sorted(accumulator.first_ids), np.int64)))
@@ -271,6 +281,12 @@ def _frame(accumulator, classes, layers, capture, maps_max_length, thresholds) -
                              f"tokens; {stats_texts} texts were longer" for name in NEEDS_MAPS}
     for name in nan_columns:
         sums.pop(name, None)
+    for name, key in (("concentrated", "min_tokens_concentrated"), ("jump", "min_tokens_jump")):
+        short = [layer for layer, count in zip(layers, totals.counts[_ELIGIBLE[name]]) if count == 0]
+        if short:  # head_scores's NaN for a corpus where no sequence is long enough to judge
+            where = "" if len(short) == len(layers) else f" in layers {short} (their window)"
+            nan_columns[name] = (f"too short: no text reaches {dict(parameters)[key]} tokens{where}, the "
+                                 f"minimum length for a {name} score (attnjax.analysis.anomalies)")
     source = "stats" if not maps_texts else "attention" if not stats_texts else "attention+stats"
     first_tokens = set(classes.strings(first_ids)) if len(first_ids) else {None}
     frame = scores_frame(sums, totals.counts, totals.scalars["present"] > 0, first_tokens, layers, source)
@@ -285,7 +301,6 @@ def _frame(accumulator, classes, layers, capture, maps_max_length, thresholds) -
         "n_truncated": int(totals.scalars["n_truncated"]),
         "nan_columns": nan_columns,
         "sources": {"attention": maps_texts, "stats": stats_texts},
-        "anomaly_parameters": {"concentrated_mass": CONCENTRATED_MASS, "decisive": DECISIVE,
-                               "local_window": LOCAL_WINDOW},
+        "anomaly_parameters": dict(parameters),
     })
     return frame

@@ -15,11 +15,13 @@ import sys
 
 # Short texts (at most 16 tokens with [CLS] / [SEP]: one length bucket, one compile per
 # mesh), with an empty text and an emoji-only one (only special tokens) to be skipped.
+# Text 1 has 16 tokens and text 9 has 14: the only ones long enough for the jump (16) /
+# concentrated (12) scores (attnjax.analysis.anomalies), which leave the others out.
 CORPUS = [
-    "The cat sat on the mat.", "It was warm, and the dog slept by the door.", "",
+    "The cat sat on the mat.", "It was warm, and the old dog slept by the front door.", "",
     "Heads look at the [SEP] token a lot.", "A B C D A B C D.", "\U0001F600",
     "Induction heads copy what came next.", "Short.", "One more, with a comma.",
-    "The end of the corpus is near.", "Heads look at the previous token.", "Last one.",
+    "The end of the corpus is near, so we stop.", "Heads look at the previous token.", "Last one.",
 ]
 
 

@@ -22,6 +22,7 @@ import pytest
 import attnjax
 from attnjax import Capture, analysis
 from attnjax.analysis import SCORE_COLUMNS
+from attnjax.analysis.scores import CHANCE_COLUMNS
 from tests.profile_workers import CORPUS, assert_same
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,15 @@ def test_equals_head_scores_over_traces_and_reports_skips(model, profiled):
     runs = traces(model, Capture(stats=True))
     expected = analysis.classify_heads(analysis.head_scores(runs))
     columns = list(SCORE_COLUMNS)
-    np.testing.assert_allclose(profiled[columns].to_numpy(), expected[columns].to_numpy(), rtol=RTOL, atol=ATOL)
-    for column in ("layer", "head", "n_queries", "concentrated_on", "source", "category"):
+    # the chance baselines classify_heads raises its mass thresholds by, and its decision
+    compared = columns + list(CHANCE_COLUMNS) + ["decision_score", "decision_threshold"]
+    np.testing.assert_allclose(profiled[compared].to_numpy(), expected[compared].to_numpy(), rtol=RTOL, atol=ATOL)
+    for column in ("layer", "head", "n_queries", "concentrated_on", "source", "category", "decided_by"):
         assert (profiled[column] == expected[column]).all(), column
+    assert profiled.attrs["anomaly_parameters"] == expected.attrs["anomaly_parameters"]
+    # Length-aware anomaly scores: only texts 1 (16 tokens) and 9 (14) are long enough,
+    # and the scores are real numbers over those (not NaN, not diluted by short texts).
+    assert np.isfinite(profiled[["concentrated", "jump"]].to_numpy()).all()
     assert profiled["n_texts"].eq(len(USABLE)).all()
     assert profiled["n_tokens"].eq(sum(int(t.mask.sum()) for t in runs)).all()
     # Stats only: the map scores are NaN, and the frame says why.
@@ -94,6 +101,17 @@ def test_equals_head_scores_over_traces_and_reports_skips(model, profiled):
     skipped = attnjax.skipped_texts(profiled)
     assert skipped["index"].tolist() == [2, 5]
     assert skipped["reason"].tolist() == ["empty", "only special tokens"]
+
+
+def test_short_texts_leave_the_anomaly_scores_without_a_value_and_say_why(model):
+    short = [CORPUS[i] for i in (0, 3, 7)]  # 9, 11 and 4 tokens: under both minimum lengths
+    frame = attnjax.profile(model, short, batch_size=4, progress=False)
+    expected = analysis.head_scores([attnjax.run(model, text, capture=Capture(stats=True)) for text in short])
+    assert frame[["concentrated", "jump"]].isna().all().all()
+    assert expected[["concentrated", "jump"]].isna().all().all()
+    assert "too short" in frame.attrs["nan_columns"]["jump"] and "16 tokens" in frame.attrs["nan_columns"]["jump"]
+    assert "12 tokens" in frame.attrs["nan_columns"]["concentrated"]
+    assert np.isfinite(frame["entropy"]).all()
 
 
 def test_attention_capture_adds_the_map_scores_for_short_buckets(model):

@@ -132,7 +132,22 @@ _ELIGIBLE = {
     "sep": "query", "punctuation": "query", "mean_distance": "query", "induction": "repeat_successor",
     "duplicate": "repeat", "concentrated": "long_queries", "jump": "long_pairs",
 }
+# The eligible counts that anomaly_sums gives (only sequences long enough to judge), by its
+# key; every other count is a sum of query_weights's selector of that name.
+LONG_COUNTS = {"long_queries": "queries", "long_pairs": "pairs"}
+# The (L, H) sums anomaly_sums adds besides the query_weights-weighted ones: the two scores
+# and concentrated's split by where the argmax lands (concentrated_on).
+ANOMALY_SUMS: Tuple[str, ...] = ("jump", "concentrated", "on_first", "on_special")
 _CLASS_COLUMNS = ("cls", "sep", "punctuation")
+
+
+def anomaly_parameters(concentrated_mass: float = CONCENTRATED_MASS, decisive: float = DECISIVE,
+                       local_window: int = LOCAL_WINDOW, min_tokens_concentrated: int = MIN_TOKENS_CONCENTRATED,
+                       min_tokens_jump: int = MIN_TOKENS_JUMP) -> Dict[str, float]:
+    """The anomaly_sums parameters head_scores uses, as kept in frame.attrs["anomaly_parameters"]."""
+    return {"concentrated_mass": float(concentrated_mass), "decisive": float(decisive),
+            "local_window": int(local_window), "min_tokens_concentrated": int(min_tokens_concentrated),
+            "min_tokens_jump": int(min_tokens_jump)}
 
 
 def head_scores(
@@ -169,9 +184,8 @@ def head_scores(
     over the visible keys.
     """
     traces = as_traces(trace)
-    parameters = {"concentrated_mass": float(concentrated_mass), "decisive": float(decisive),
-                  "local_window": int(local_window), "min_tokens_concentrated": int(min_tokens_concentrated),
-                  "min_tokens_jump": int(min_tokens_jump)}
+    parameters = anomaly_parameters(concentrated_mass, decisive, local_window, min_tokens_concentrated,
+                                    min_tokens_jump)
     sums: Optional[Dict[str, np.ndarray]] = None
     counts: Optional[Dict[str, np.ndarray]] = None
     present = np.zeros(3, bool)
@@ -242,7 +256,14 @@ def _frame(layers, n_queries, means, source) -> pd.DataFrame:
 def chance_sums(trace: Trace, classes: np.ndarray) -> Dict[str, np.ndarray]:
     """Sums over non-padding queries (L,) of the chance baselines (module docstring): what a
     uniform row over each query's visible keys gives. O(T) per sequence (running sums)."""
-    mask = np.asarray(trace.mask, bool)  # (B, T)
+    per_sequence = sequence_chance_sums(trace.mask, classes, causal=trace.causal, windows=trace_windows(trace))
+    return {name: value.sum(0) for name, value in per_sequence.items()}
+
+
+def sequence_chance_sums(mask, classes: np.ndarray, *, causal: bool, windows: Windows) -> Dict[str, np.ndarray]:
+    """chance_sums of each sequence, (B, L) float64: mask (B, T), classes (B, T, 3), one
+    window per layer (None: full attention). attnjax.profile adds these per text."""
+    mask = np.asarray(mask, bool)  # (B, T)
     batch, seq = mask.shape
     position = np.arange(seq, dtype=np.float64)
     per_key = np.concatenate([mask[..., None], classes.astype(bool) & mask[..., None],
@@ -250,8 +271,8 @@ def chance_sums(trace: Trace, classes: np.ndarray) -> Dict[str, np.ndarray]:
     upto = np.cumsum(per_key, axis=1)  # (B, T, 5) over keys k <= i
     total = upto[:, -1:, :]  # (B, 1, 5)
     out = {name: [] for name in CHANCE_COLUMNS}
-    for window in trace_windows(trace):
-        if not trace.causal:
+    for window in windows:
+        if not causal:
             seen, before = np.broadcast_to(total, upto.shape), upto
             near = position[None] * before[..., 0] - before[..., 4]  # sum over k <= i of (i - k)
             far = (total[..., 4] - before[..., 4]) - position[None] * (total[..., 0] - before[..., 0])
@@ -268,8 +289,8 @@ def chance_sums(trace: Trace, classes: np.ndarray) -> Dict[str, np.ndarray]:
                             ("chance_cls", seen[..., 1]), ("chance_sep", seen[..., 2]),
                             ("chance_punctuation", seen[..., 3]), ("chance_distance", distance)):
             share = value if name == "visible_keys" else value * inverse
-            out[name].append(float(np.where(mask, share, 0.0).sum()))
-    return {name: np.asarray(values, np.float64) for name, values in out.items()}
+            out[name].append(np.where(mask, share, 0.0).sum(-1))  # (B,)
+    return {name: np.stack(values, axis=1).astype(np.float64) for name, values in out.items()}  # (B, L)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "windows"))
@@ -372,18 +393,16 @@ def score_sums(trace: Trace, classes: np.ndarray, parameters: dict) -> Tuple[Dic
     special = jnp.asarray(classes[..., 0] + classes[..., 1] > 0)  # (B, T)
     anomalies = anomaly_sums(
         terms["max_weight"], terms["top2"], terms["argmax"], trace.mask, trace.input_ids, special,
-        local_window=parameters["local_window"], concentrated_mass=parameters["concentrated_mass"],
-        decisive=parameters["decisive"], windows=windows,
-        min_tokens_concentrated=parameters["min_tokens_concentrated"], min_tokens_jump=parameters["min_tokens_jump"],
+        windows=windows, **parameters,  # the keys of anomaly_parameters()
     )
     sums, anomalies = jax.device_get((_weighted_sums(per_query, weights), anomalies))
     sums = {name: np.asarray(value, np.float64) for name, value in sums.items()}
-    for name in ("jump", "concentrated", "on_first", "on_special"):
+    for name in ANOMALY_SUMS:
         sums[name] = np.asarray(anomalies[name], np.float64)
     if not has_attention(trace):
         for name in _CLASS_COLUMNS:
             sums[name] = np.asarray(jax.device_get(terms[f"{name}_total"].sum(1)), np.float64)  # (L, H)
     counts = {name: np.asarray(value, np.float64).sum((1, 2)) for name, value in jax.device_get(weights).items()}  # (L,)
-    counts["long_queries"] = np.asarray(anomalies["queries"], np.float64)  # (L,) sequences long enough to judge
-    counts["long_pairs"] = np.asarray(anomalies["pairs"], np.float64)
+    for name, key in LONG_COUNTS.items():  # (L,) over sequences long enough to judge
+        counts[name] = np.asarray(anomalies[key], np.float64)
     return sums, counts
