@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from attnjax.trace import Trace
-from attnjax.viz.common import renderer_hint
-from attnjax.viz.inside_frames import inline_json, head_view_frames
+from attnjax.viz.common import inline, renderer_hint
+from attnjax.viz.inside_frames import head_view_frames
 
 ALL = -1                 # head_view_head value that overlays every head
 COLUMN_GAP = 260         # px between the two token columns
@@ -78,9 +78,9 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
     x_scale = alt.Scale(domain=[0, 1], range=[0, COLUMN_GAP])
     y_scale = alt.Scale(domain=[-0.5, n - 0.5], range=[0, height])
     token_tooltip = [alt.Tooltip("token:N", title="token"), alt.Tooltip("position:Q", title="position")]
-    positions = alt.LookupData(inline_json(base_tokens[["row", "position"]]), key="row", fields=["position"])
+    positions = alt.LookupData(inline(base_tokens[["row", "position"]]), key="row", fields=["position"])
     rules = (
-        alt.Chart(inline_json(pack_lines(lines)))
+        alt.Chart(inline(pack_lines(lines)))
         .transform_filter("datum.layer == head_view_layer")
         .transform_filter(f"head_view_head == {ALL} || datum.head == head_view_head")
         .transform_calculate(q_row="split(datum.q, ' ')", k_row="split(datum.k, ' ')", weight="split(datum.w, ' ')")
@@ -104,7 +104,7 @@ def head_view(trace: Trace, layer: Optional[int] = None, head: Optional[int] = N
                      alt.Tooltip("key:Q", title="key position"), alt.Tooltip("weight:Q", format=".3f")],
         )
     )
-    text = alt.Chart(inline_json(base_tokens)).mark_text(fontSize=min(12, _row_height(n) - 1), cursor="pointer")
+    text = alt.Chart(inline(base_tokens)).mark_text(fontSize=min(12, _row_height(n) - 1), cursor="pointer")
     left = text.mark_text(align="right", dx=-6, fontSize=min(12, _row_height(n) - 1), cursor="pointer").encode(
         x=alt.value(0), y=alt.Y("row:Q", scale=y_scale, axis=None), text="label:N", tooltip=token_tooltip,
         color=alt.condition(hover_query, alt.value("#222"), alt.value("#aaa")),

@@ -11,15 +11,12 @@ Positions are 0-based token positions; padding is left out.
 
 from __future__ import annotations
 
-import json
 from typing import Dict, Optional, Sequence, Tuple
 
-import altair as alt
 import numpy as np
 import pandas as pd
 
 from attnjax.trace import Trace
-from attnjax.viz.common import records
 from attnjax.viz.frames import sequence_tokens, truncate
 
 # The head view draws every query -> key line up to this many tokens; above it only
@@ -280,10 +277,3 @@ def qk_embedding_frames(trace: Trace, layer: int, heads: Sequence[int], *, seque
     info = {"layer": int(layer), "method": method, "variance": shares, "tokens": len(positions)}
     return pd.concat(point_frames, ignore_index=True), pd.concat(pair_frames, ignore_index=True), info
 
-
-def inline_json(frame: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> alt.InlineData:
-    """Inline data as one JSON string (rows as ``attnjax.viz.common.records`` makes them:
-    4 significant digits, text made visible). Vega parses it in the page; Altair copies
-    and validates one string instead of thousands of row dicts (3-5x faster specs)."""
-    return alt.InlineData(values=json.dumps(records(frame, columns), ensure_ascii=False, allow_nan=False),
-                          format=alt.DataFormat(type="json"))

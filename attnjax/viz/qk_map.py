@@ -17,8 +17,8 @@ import altair as alt
 import numpy as np
 
 from attnjax.trace import Trace
-from attnjax.viz.common import renderer_hint, title
-from attnjax.viz.inside_frames import inline_json, check_head, qk_embedding_frames, require_qkv
+from attnjax.viz.common import inline, renderer_hint, title
+from attnjax.viz.inside_frames import check_head, qk_embedding_frames, require_qkv
 
 SIZE = 420
 KIND_COLOURS = alt.Scale(domain=["query", "key"], range=["#e45756", "#4c78a8"])
@@ -49,7 +49,7 @@ def qk_embedding(trace: Trace, layer: int, head: Optional[int] = None, *, sequen
     x = alt.X("x:Q", title=f"{METHOD_NAMES[method]} 1", axis=alt.Axis(labels=False, ticks=False))
     y = alt.Y("y:Q", title=f"{METHOD_NAMES[method]} 2", axis=alt.Axis(labels=False, ticks=False))
     lines = (
-        alt.Chart(inline_json(pairs))
+        alt.Chart(inline(pairs))
         .transform_filter("datum.head == qk_head")
         .mark_rule(color="#888")
         .encode(x=x, y=y, x2="x2:Q", y2="y2:Q",
@@ -58,7 +58,7 @@ def qk_embedding(trace: Trace, layer: int, head: Optional[int] = None, *, sequen
                          alt.Tooltip("weight:Q", format=".3f")])
     )
     dots = (
-        alt.Chart(inline_json(points))
+        alt.Chart(inline(points))
         .transform_filter("datum.head == qk_head")
         .mark_point(filled=True, size=70)
         .encode(
@@ -72,7 +72,7 @@ def qk_embedding(trace: Trace, layer: int, head: Optional[int] = None, *, sequen
         .add_params(hover)
     )
     labels = (
-        alt.Chart(inline_json(points))
+        alt.Chart(inline(points))
         .transform_filter("datum.head == qk_head")
         .transform_filter({"param": "qk_hover", "empty": info["tokens"] <= LABEL_ALL_TOKENS})
         .mark_text(dx=6, align="left", fontSize=9)

@@ -13,8 +13,8 @@ import altair as alt
 import pandas as pd
 
 from attnjax.trace import Trace
-from attnjax.viz.common import label_expr, label_param, title, visible_text
-from attnjax.viz.inside_frames import inline_json, attention_step_frames
+from attnjax.viz.common import inline, label_expr, label_param, title, visible_text
+from attnjax.viz.inside_frames import attention_step_frames
 
 CELL = 7            # px per head_dim cell
 ROW = 16            # px per key row
@@ -36,7 +36,7 @@ def _vector_map(frame: pd.DataFrame, heading: str, field: str, head_dim: int, le
                      alt.Tooltip(f"{field}:Q", format=".4f")],
         )
     )
-    chart.data = inline_json(frame, ["row", "dim", field])  # attached last: Altair deep-copies data on every call
+    chart.data = inline(frame, ["row", "dim", field])  # attached last: Altair deep-copies data on every call
     return chart
 
 
@@ -55,7 +55,7 @@ def _bars(keys: pd.DataFrame, field: str, heading: str, *, show_y: bool, fmt: st
         y=y, x=alt.value(BAR_WIDTH), text="shown_text:N")
     panel = alt.layer(bars, numbers).properties(
         title=alt.TitleParams(heading, anchor="start", fontSize=12), width=BAR_WIDTH, height=alt.Step(ROW))
-    panel.data = inline_json(keys, ["key", "token", field])  # attached last: Altair deep-copies data on every call
+    panel.data = inline(keys, ["key", "token", field])  # attached last: Altair deep-copies data on every call
     return panel
 
 

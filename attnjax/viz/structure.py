@@ -16,7 +16,6 @@ import pandas as pd
 
 from attnjax.models.structure import summary
 from attnjax.viz.common import inline, title
-from attnjax.viz.inside_frames import inline_json
 
 ROW = 15            # px per table row
 INDENT = 14         # px per tree level
@@ -135,16 +134,16 @@ def model_structure(model) -> alt.HConcatChart:
             x=alt.X("x:Q", scale=None, axis=None), y=alt.value(0), text="text:N")
     table = alt.layer(name, *columns).transform_filter(visible).transform_window(
         line="row_number()", sort=[alt.SortField("order")])
-    table.data = inline_json(rows)
+    table.data = inline(rows)
     tree = alt.layer(table, header).properties(
         width=COLUMNS_AT["flops_per_token"] + 110, height=alt.Step(ROW),
         title=title("Module tree", [f"{int(rows['params'].iloc[0]):,} parameters \u00b7 FLOPs per token: "
                                     f"2 \u00d7 in \u00d7 out per weight matrix, attention at {tokens} keys",
                                     "fold with the tree depth slider; open one block at a time"]))
-    graph_base = alt.Chart(inline_json(nodes))
+    graph_base = alt.Chart(inline(nodes))
     px = alt.X("col:Q", scale=alt.Scale(domain=[-0.6, 2.6]), axis=None)
     py = alt.Y("row:Q", scale=alt.Scale(domain=[-0.6, float(nodes["row"].max()) + 0.6], reverse=True), axis=None)
-    links = alt.Chart(inline_json(edges)).mark_rule(color="#999", strokeWidth=1.5).encode(
+    links = alt.Chart(inline(edges)).mark_rule(color="#999", strokeWidth=1.5).encode(
         x=px, y=py, x2="col2:Q", y2="row2:Q")
     boxes = graph_base.mark_rect(width=130, height=30, fill="#eef3fa", stroke="#4c78a8", cornerRadius=4).encode(
         x=px, y=py, tooltip=[alt.Tooltip("label:N"), alt.Tooltip("detail:N")])
