@@ -37,6 +37,7 @@ _VISIBLE.update({code: "\ufffd" for code in range(0xD800, 0xE000)})
 INVISIBLE = (
     [0x00AD, 0x061C, 0x180E, 0xFEFF]
     + list(range(0x200B, 0x2010))      # zero-width space/joiners, LRM, RLM
+    + [0x2028, 0x2029]                 # line / paragraph separators (break a line, and JS strings)
     + list(range(0x202A, 0x202F))      # embeddings and overrides (LRE RLE PDF LRO RLO)
     + list(range(0x2060, 0x2065))      # word joiner, invisible operators
     + list(range(0x2066, 0x206A))      # isolates (LRI RLI FSI PDI)
