@@ -455,3 +455,10 @@ def test_builders_reject_wrong_frames(frame):
         viz.model_overview({"layer": [0]})
     with pytest.raises(ValueError, match="empty"):
         viz.focus_chart(pd.DataFrame(columns=["layer", "entropy", "max_weight"]))
+
+
+def test_line_and_paragraph_separators_are_shown_as_tags():
+    # U+2028 / U+2029 break lines in labels (and end JavaScript strings in old engines)
+    from attnjax.viz.common import visible_text
+
+    assert visible_text("a\u2028b\u2029c") == "a\u27e8U+2028\u27e9b\u27e8U+2029\u27e9c"
