@@ -51,6 +51,9 @@ def test_a_new_text_gives_new_chart_data(explorer):
     labels = next(p["value"] for p in overview["params"] if p["name"] == "overview_key_labels")
     assert "home" in labels.values() and "cat" not in labels.values()
     assert set(explorer.timings) == {"run", "analyses", "heatmap", "overview"}
+    # the widget shows the specs built without validation; they are the validated specs
+    assert explorer._specs["heatmap"] == explorer.heatmap().to_dict(validate=True)
+    assert explorer._specs["overview"] == overview
 
 
 def test_layer_and_head_select_the_right_rows(explorer):
