@@ -26,6 +26,7 @@ from attnjax.viz.html import save_html, save_image, to_html
 from attnjax.viz.qk_map import qk_embedding
 from attnjax.viz.steps import attention_steps
 from attnjax.viz.structure import model_structure
+from attnjax.viz.lab import category_chart, induction_chart, loss_chart, training_charts
 from attnjax.viz.layers import focus_chart, layer_similarity_chart, token_flow_chart
 from attnjax.viz.next_token import next_token_explorer
 
@@ -35,6 +36,7 @@ __all__ = [
     "generation_view", "head_view", "layer_similarity_chart", "model_overview", "model_structure",
     "next_token_explorer", "next_token_frames", "qk_embedding", "save_html", "save_image", "span_mass_chart",
     "taxonomy_chart", "to_html", "token_flow_chart", "token_frame",
+    "category_chart", "induction_chart", "loss_chart", "training_charts",
     "corpus_anomaly_chart", "corpus_focus", "spread_chart", "stability_chart",
 ]
 
