@@ -275,6 +275,10 @@ def test_profile_parquet_in_parquet_and_html_out(capsys, tmp_path):
     for section in ("Head taxonomy and stability", "Head scores across texts", "Focus by layer",
                     "Anomalies over the corpus", "What was skipped", "not a string"):
         assert section in html
+    # Both texts are under the anomaly scores' minimum lengths (12 / 16 tokens,
+    # attnjax.analysis.anomalies): the page says why concentrated and jump have no value.
+    assert "jump is NaN: too short" in html and "concentrated is NaN: too short" in html
+    assert "(texts of \\u003e= 16 tokens)" in html  # the jump chart's subtitle ('>' escaped in its JSON)
     assert not list(tmp_path.glob("*.checkpoint.npz"))
     from attnjax.viz import browser
 

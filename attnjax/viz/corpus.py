@@ -92,8 +92,13 @@ def spread_chart(frame: pd.DataFrame, scores: Sequence[str] = SPREAD_SCORES, *, 
 def corpus_anomaly_chart(frame: pd.DataFrame, *, cell: int = 36) -> alt.HConcatChart:
     """Two layer x head grids over the corpus: the share of queries whose attention is
     concentrated on one key (``concentrated``) and the mean unexplained argmax jump
-    (``jump``), with where the concentrated queries land in the tooltip."""
+    (``jump``), with where the concentrated queries land in the tooltip. Both count only
+    texts long enough to judge (attnjax.analysis.anomalies; the minimums are in
+    ``frame.attrs["anomaly_parameters"]``); a head without any such text has no colour."""
     require_columns(frame, ("layer", "head", "concentrated", "jump"), "The profile", MADE_BY)
+    parameters = frame.attrs.get("anomaly_parameters", {})
+    concentrated_from = _from_texts(parameters.get("min_tokens_concentrated"))
+    jump_from = _from_texts(parameters.get("min_tokens_jump"))
     shown = frame[["layer", "head", "concentrated", "jump"]].copy()
     shown["concentrated_on"] = frame["concentrated_on"] if "concentrated_on" in frame.columns else ""
     n_layers, n_heads = shown["layer"].nunique(), shown["head"].nunique()
@@ -103,9 +108,14 @@ def corpus_anomaly_chart(frame: pd.DataFrame, *, cell: int = 36) -> alt.HConcatC
                alt.Tooltip("concentrated_on:N"), alt.Tooltip("jump:Q", format=".4f")]
     concentrated = base.mark_rect(stroke="white").encode(
         color=alt.Color("concentrated:Q", scale=alt.Scale(scheme="reds", domain=[0, 1]), title="concentrated"),
-        tooltip=tooltip, **encoding).properties(title=title("Concentrated queries", "share of queries"))
+        tooltip=tooltip, **encoding).properties(title=title("Concentrated queries",
+                                                            f"share of queries{concentrated_from}"))
     jump = base.mark_rect(stroke="white").encode(
         color=alt.Color("jump:Q", scale=alt.Scale(scheme="purples"), title="jump"),
-        tooltip=tooltip, **encoding).properties(title=title("Argmax jumps", "mean unexplained jump"))
+        tooltip=tooltip, **encoding).properties(title=title("Argmax jumps", f"mean unexplained jump{jump_from}"))
     return alt.hconcat(concentrated, jump).resolve_scale(color="independent").properties(
         title=title("Anomalies over the corpus"))
+
+
+def _from_texts(minimum) -> str:
+    return "" if minimum is None else f" (texts of >= {int(minimum)} tokens)"
