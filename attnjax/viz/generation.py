@@ -24,8 +24,10 @@ import pandas as pd
 from attnjax.analysis._common import ALL_HEADS
 from attnjax.viz.common import inline, label_expr, label_param, require_columns, title, visible_text
 from attnjax.viz.frames import TEMPERATURES, next_token_frames, truncate
+from attnjax.viz.html import PAGE_CONTENT_WIDTH
 from attnjax.viz.next_token import VISIBLE_SPACE
 
+STRIP_LEGEND_WIDTH = 160  # px the heat strip leaves for its colour legend
 MAX_PROMPT_KEYS = 256   # prompt keys drawn in the heat strips; a longer prompt shows its last ones
 
 
@@ -135,13 +137,17 @@ def generation_view(steps: pd.DataFrame, top: pd.DataFrame, normalizers: pd.Data
         .transform_filter(chosen)
         .mark_rect()
         .encode(x=alt.X("key:O", title="prompt token",
-                        axis=alt.Axis(labelExpr=label_expr("prompt_key_labels"), labelAngle=-60)),
+                        axis=alt.Axis(labelExpr=label_expr("prompt_key_labels"), labelAngle=-60,
+                                      labelOverlap="greedy")),
                 y=alt.Y("layer:O", title="layer"),
                 color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis"), title="attention"),
                 tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("key:O"), alt.Tooltip("key_token:N"),
                          alt.Tooltip("weight:Q", format=".3f")])
         .add_params(key_labels)
-        .properties(width=max(width, 10 * len(keys)), height=alt.Step(14))
+        # 10 px a prompt token, within the page beside the legend; labels thin out when they would
+        # overlap (every token is in the tooltip)
+        .properties(width=min(max(width, 10 * len(keys)), PAGE_CONTENT_WIDTH - STRIP_LEGEND_WIDTH),
+                    height=alt.Step(14))
     )
     return (
         alt.vconcat(picker, explorer, strip)
