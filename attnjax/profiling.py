@@ -161,7 +161,7 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
         bar.close()
     if path is not None:
         save_checkpoint(path, accumulator, done.position, fingerprint)
-    return _frame(accumulator, classes, layers, capture, maps_max_length, thresholds, parameters)
+    return _frame(accumulator, classes, layers, windows, capture, maps_max_length, thresholds, parameters)
 
 
 def skipped_texts(frame: pd.DataFrame) -> pd.DataFrame:
@@ -263,7 +263,24 @@ def _leaf_sums(leaves):
     return [jnp.sum(leaf.astype(jnp.float32)) for leaf in leaves]
 
 
-def _frame(accumulator, classes, layers, capture, maps_max_length, thresholds, parameters) -> pd.DataFrame:
+def _too_short(counts, layers, windows, parameters) -> dict:
+    """{score: why it is NaN} for concentrated / jump where no text is long enough to judge
+    in some layer (head_scores's NaN; the minimum lengths: attnjax.analysis.anomalies)."""
+    out = {}
+    for name, key in (("concentrated", "min_tokens_concentrated"), ("jump", "min_tokens_jump")):
+        minimum = parameters[key]
+        short = [i for i, count in enumerate(counts[_ELIGIBLE[name]]) if count == 0]
+        if not short:
+            continue
+        narrow = sorted({windows[i] for i in short if windows[i] is not None and windows[i] < minimum})
+        why = (f"no text reaches {minimum} tokens" if not narrow else
+               f"the sliding window ({', '.join(map(str, narrow))} keys) is under {minimum} tokens")
+        where = "" if len(short) == len(layers) else f" in layers {[layers[i] for i in short]}"
+        out[name] = f"too short{where}: {why}, the minimum length for a {name} score (attnjax.analysis.anomalies)"
+    return out
+
+
+def _frame(accumulator, classes, layers, windows, capture, maps_max_length, thresholds, parameters) -> pd.DataFrame:
     totals = accumulator.reduced(allgather_sum)
     skipped = allgather_ints(np.asarray(accumulator.skipped, np.int64).reshape(-1)).reshape(-1, 2)
     first_ids = np.unique(allgather_ints(np.asarray(sorted(accumulator.first_ids), np.int64)))
@@ -281,12 +298,7 @@ def _frame(accumulator, classes, layers, capture, maps_max_length, thresholds, p
                              f"tokens; {stats_texts} texts were longer" for name in NEEDS_MAPS}
     for name in nan_columns:
         sums.pop(name, None)
-    for name, key in (("concentrated", "min_tokens_concentrated"), ("jump", "min_tokens_jump")):
-        short = [layer for layer, count in zip(layers, totals.counts[_ELIGIBLE[name]]) if count == 0]
-        if short:  # head_scores's NaN for a corpus where no sequence is long enough to judge
-            where = "" if len(short) == len(layers) else f" in layers {short} (their window)"
-            nan_columns[name] = (f"too short: no text reaches {dict(parameters)[key]} tokens{where}, the "
-                                 f"minimum length for a {name} score (attnjax.analysis.anomalies)")
+    nan_columns.update(_too_short(totals.counts, layers, windows, dict(parameters)))
     source = "stats" if not maps_texts else "attention" if not stats_texts else "attention+stats"
     first_tokens = set(classes.strings(first_ids)) if len(first_ids) else {None}
     frame = scores_frame(sums, totals.counts, totals.scalars["present"] > 0, first_tokens, layers, source)

@@ -189,3 +189,27 @@ def test_sharded_and_multi_process_equal_one_device(model_dir, tmp_path):
         assert (both["category"] == one["category"]).all() and (both["n_texts"] == len(USABLE)).all()
         skipped = (tmp_path / f"process{rank}.csv.skipped.json").read_text()
         assert skipped == '[[2, "empty"], [5, "only special tokens"]]'
+
+
+def test_sliding_window_layers_count_long_texts_by_their_window(tmp_path):
+    # qwen2 with windows of 4 keys from layer 1 on: a text's span there is 4 tokens, under
+    # both minimum lengths, so concentrated / jump are NaN in layers 1-2 (said per layer)
+    # and real in the full-attention layer 0; the chance columns follow each layer's
+    # window. All equal head_scores over the Traces.
+    from tests.tiny_decoders import tiny_decoder
+
+    tiny_decoder(tmp_path / "qwen2", "qwen2-bias-window")
+    model = attnjax.load(tmp_path / "qwen2")
+    texts = ["the cat sat on the mat and the dog slept by the door", "a b c"]
+    frame = attnjax.profile(model, texts, batch_size=2, progress=False)
+    runs = [attnjax.run(model, text, capture=Capture(stats=True)) for text in texts]
+    assert int(runs[0].mask.sum()) >= 16  # long enough for both scores in layer 0
+    expected = analysis.classify_heads(analysis.head_scores(runs))
+    compared = list(SCORE_COLUMNS) + list(CHANCE_COLUMNS) + ["decision_score", "decision_threshold"]
+    np.testing.assert_allclose(frame[compared].to_numpy(), expected[compared].to_numpy(), rtol=RTOL, atol=ATOL)
+    assert (frame["category"] == expected["category"]).all()
+    long = frame["layer"] == 0
+    assert np.isfinite(frame.loc[long, ["concentrated", "jump"]].to_numpy()).all()
+    assert frame.loc[~long, ["concentrated", "jump"]].isna().all().all()
+    assert "in layers [1, 2]" in frame.attrs["nan_columns"]["jump"]
+    assert "window (4 keys)" in frame.attrs["nan_columns"]["jump"]
