@@ -36,7 +36,6 @@ from typing import Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
-import pandas as pd
 
 COLUMNS = ("module", "name", "depth", "kind", "shape", "params", "flops_per_token", "block")
 DEFAULT_TOKENS = 128  # the context length the attention FLOPs are counted at
@@ -75,7 +74,7 @@ def attention_flops(model, layer: int, tokens: int) -> int:
     return 2 * 2 * keys * config.num_heads * config.head_dim
 
 
-def summary(model, *, tokens: int = DEFAULT_TOKENS) -> pd.DataFrame:
+def summary(model, *, tokens: int = DEFAULT_TOKENS) -> "pd.DataFrame":
     """The module tree of ``model`` with shapes, parameter counts and FLOPs per token.
 
     Built from ``model.params`` (shapes only) and ``model.config``; the model is not run.
@@ -133,6 +132,8 @@ def summary(model, *, tokens: int = DEFAULT_TOKENS) -> pd.DataFrame:
             "flops_per_token": totals[path][1],
             "block": _block(path),
         })
+    import pandas as pd  # here, not at the top: `import attnjax` stays free of pandas
+
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame.attrs["tokens"] = int(tokens)
     return frame
