@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 
 from attnjax.viz.common import inline, require_columns, title
+from attnjax.viz.grids import CATEGORY_ABBREVIATIONS
 
 # Scores shown as spreads across texts (first those that decide categories).
 SPREAD_SCORES = ("normalized_entropy", "max_weight", "previous_token", "first_token", "sep", "punctuation")
+SPREAD_PER_ROW = 4  # panels of ~280 px a row: within the page's width
 MADE_BY = "attnjax.profile(model, texts)"
 
 
@@ -46,8 +48,9 @@ def stability_chart(frame: pd.DataFrame, *, cell: int = 40) -> alt.LayerChart:
         shown["relative_spread"] = np.where(np.isfinite(threshold) & (threshold > 0), spread / threshold, spread)
     shown["spread"] = spread
     shown["score"] = deciding
+    shown["abbreviation"] = [CATEGORY_ABBREVIATIONS.get(str(c), str(c)[:5]) for c in shown["category"]]
     n_layers, n_heads = shown["layer"].nunique(), shown["head"].nunique()
-    columns = ["layer", "head", "category", "score", "decision_score", "spread", "relative_spread"]
+    columns = ["layer", "head", "category", "abbreviation", "score", "decision_score", "spread", "relative_spread"]
     base = alt.Chart(inline(shown, columns), width=n_heads * cell, height=n_layers * cell)
     encoding = dict(x=alt.X("head:O", axis=alt.Axis(labelAngle=0)), y=alt.Y("layer:O"))
     tooltip = [alt.Tooltip("layer:O"), alt.Tooltip("head:O"), alt.Tooltip("category:N"),
@@ -57,14 +60,14 @@ def stability_chart(frame: pd.DataFrame, *, cell: int = 40) -> alt.LayerChart:
         color=alt.Color("relative_spread:Q", title="std / threshold", scale=alt.Scale(scheme="orangered", domain=[0, 1],
                                                                                        clamp=True)),
         tooltip=tooltip, **encoding)
-    labels = base.mark_text(fontSize=max(8, cell // 4), color="#111").encode(text="category:N", **encoding)
+    labels = base.mark_text(fontSize=max(8, cell // 4), color="#111").encode(text="abbreviation:N", **encoding)
     return alt.layer(cells, labels).properties(
         title=title("Head stability", "colour: spread across texts of the deciding score (light: the head plays "
                                       "its role on every text)"))
 
 
 def spread_chart(frame: pd.DataFrame, scores: Sequence[str] = SPREAD_SCORES, *, width: int = 220,
-                 height: int = 160) -> alt.HConcatChart:
+                 height: int = 160) -> alt.VConcatChart:
     """Per score, every head's corpus mean (point) and mean +- one standard deviation
     across texts (rule), by layer: how a score is distributed over the corpus's texts."""
     require_columns(frame, ("layer", "head"), "The profile", MADE_BY)
@@ -84,7 +87,8 @@ def spread_chart(frame: pd.DataFrame, scores: Sequence[str] = SPREAD_SCORES, *, 
         charts.append(alt.layer(rules, points).properties(title=title(score)))
     if not charts:
         raise ValueError("The profile has none of the scores to chart; pass attnjax.profile's frame.")
-    return alt.hconcat(*charts).properties(
+    rows = [alt.hconcat(*charts[i:i + SPREAD_PER_ROW]) for i in range(0, len(charts), SPREAD_PER_ROW)]
+    return alt.vconcat(*rows).properties(
         title=title("Head scores across texts", "point: corpus mean of each head · bar: +- one standard deviation "
                                                 "across texts"))
 
