@@ -32,6 +32,7 @@ bench: $(VENV)/.test-installed
 	$(PY) benchmarks/long_context.py
 	$(PY) benchmarks/analysis.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/profile_corpus.py --texts 500
 
 clean:
 	rm -rf $(VENV) .pytest_cache

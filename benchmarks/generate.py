@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from forward import interleaved_medians  # benchmarks/forward.py: one call of each path in turn
 
 PROMPT = 32
 SHAPES = {
@@ -96,13 +96,7 @@ def measure(shape_name: str, shape: dict, new_tokens: int, repeats: int) -> dict
     same = int((reference[PROMPT:] == expected[PROMPT:]).sum())
     for fn in paths.values():  # warm-up: compiles, first-call allocations
         fn()
-    times = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    rates = {name: new_tokens / statistics.median(values) for name, values in times.items()}
+    rates = {name: new_tokens / seconds for name, seconds in interleaved_medians(paths, repeats).items()}
     print(f"\n{shape_name}: {PROMPT}-token prompt, {new_tokens} new tokens, greedy "
           f"({same}/{new_tokens} new tokens equal transformers' eager greedy ids)")
     print(f"{'path':<42} {'tokens/s':>9}")

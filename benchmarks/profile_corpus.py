@@ -20,14 +20,13 @@ so this shows the sharded path's overhead, not a speed-up), and the peak RSS of 
 fresh process profiling 500 and 2,000 texts from a generator (memory must stay flat).
 On a GPU the same script runs attnjax on the GPU (the torch baseline stays on CPU).
 
-    python benchmarks/profile.py [--texts 2000] [--devices 1,2,4] [--device-texts N] [--memory 500,2000] [--no-torch]
-    python benchmarks/profile.py --texts 0 --devices "" --memory 500,2000     # memory only
+    python benchmarks/profile_corpus.py [--texts 2000] [--devices 1,2,4] [--device-texts N] [--memory 500,2000] [--no-torch]
+    python benchmarks/profile_corpus.py --texts 0 --devices "" --memory 500,2000     # memory only
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -39,14 +38,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# This file is named like the standard library's `profile` module, which transformers
-# imports: keep benchmarks/ off the path, and read SENTENCES from forward.py by its path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("attnjax_benchmark_forward", ROOT / "benchmarks" / "forward.py")
-_forward = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_forward)
-SENTENCES = _forward.SENTENCES
+from forward import SENTENCES  # noqa: E402  (benchmarks/forward.py, beside this script)
 
 BATCH = 32
 WARM_UP = 96  # texts run before timing (compiles every bucket's step / warms torch)
