@@ -110,23 +110,33 @@ def reference_attention_weights(
     ``window`` and ``softcap`` as in the module docstring (a window assumes causal).
     """
     acc = accumulation_dtype(q.dtype)
+    batch, num_queries, _, head_dim = q.shape
+    num_keys = k.shape[1]
+    scale = default_scale(head_dim) if scale is None else float(scale)
+    visible = visible_keys(mask, batch, num_queries, num_keys, causal, window)  # (B, 1, Tq, Tk)
+    scores = grouped_scores(q, k, scale, softcap, acc)  # (B, Hq, Tq, Tk)
+    scores = jnp.where(visible, scores, MASK_VALUE)  # (B, Hq, Tq, Tk)
+    return scores, masked_softmax(scores, visible)
+
+
+def grouped_scores(q: jax.Array, k: jax.Array, scale: float, softcap: Optional[float], acc) -> jax.Array:
+    """``scale * q.k`` per query head, soft-capped, at every key (no mask): (B, Hq, Tq, Tk) in ``acc``.
+
+    q: (B, Tq, Hq, H); k: (B, Tk, Hkv, H). Heads-major operands make the contraction a
+    plain batched matmul (several times faster on XLA:CPU than the (B, T, N, H) einsum).
+    Under GQA the G query heads of a kv head are stacked along the query axis, so K is
+    never repeated.
+    """
     batch, num_queries, heads, head_dim = q.shape
     num_keys, kv_heads = k.shape[1], k.shape[2]
     groups = query_groups(heads, kv_heads)
-    scale = default_scale(head_dim) if scale is None else float(scale)
-    visible = visible_keys(mask, batch, num_queries, num_keys, causal, window)  # (B, 1, Tq, Tk)
-    # Heads-major operands make the contraction a plain batched matmul (several times
-    # faster on XLA:CPU than the (B, T, N, H) einsum). Under GQA the G query heads of a
-    # kv head are stacked along the query axis, so K is never repeated.
     q_heads = jnp.swapaxes(q.astype(acc), 1, 2)  # (B, Hq, Tq, H)
     q_heads = q_heads.reshape(batch, kv_heads, groups * num_queries, head_dim)  # (B, Hkv, G Tq, H)
     k_heads = jnp.swapaxes(k.astype(acc), 1, 2)  # (B, Hkv, Tk, H)
     scores = jnp.matmul(q_heads, jnp.swapaxes(k_heads, -1, -2),
                         precision=lax.Precision.HIGHEST) * scale  # (B, Hkv, G Tq, Tk)
     scores = scores.reshape(batch, heads, num_queries, num_keys)  # (B, Hq, Tq, Tk)
-    scores = cap_scores(scores, softcap)  # (B, Hq, Tq, Tk)
-    scores = jnp.where(visible, scores, MASK_VALUE)  # (B, Hq, Tq, Tk)
-    return scores, masked_softmax(scores, visible)
+    return cap_scores(scores, softcap)  # (B, Hq, Tq, Tk)
 
 
 def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.kernels.reference import MASK_VALUE, masked_softmax, query_groups, weighted_values
-from attnjax.kernels.spec import cap_scores, positions_visible
+from attnjax.kernels.reference import MASK_VALUE, grouped_scores, masked_softmax, weighted_values
+from attnjax.kernels.spec import positions_visible
 from attnjax.kernels.stats import AttentionStats
 from attnjax.trace import Capture
 
@@ -107,18 +107,12 @@ def attend_cached(
     """
     keys, values = cache
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    batch, num_queries, heads, head_dim = q.shape
-    num_keys, kv_heads = keys.shape[1], keys.shape[2]
-    groups = query_groups(heads, kv_heads)
+    num_queries = q.shape[1]
+    num_keys = keys.shape[1]
     query_pos = offset + jnp.arange(num_queries)  # (Tq,)
     visible = positions_visible(query_pos[:, None], jnp.arange(num_keys)[None, :], True, window)  # (Tq, S)
-    q_heads = jnp.swapaxes(q.astype(acc), 1, 2)  # (B, Hq, Tq, H)
-    q_heads = q_heads.reshape(batch, kv_heads, groups * num_queries, head_dim)  # (B, Hkv, G Tq, H)
-    k_heads = jnp.swapaxes(keys.astype(acc), 1, 2)  # (B, Hkv, S, H)
-    scores = jnp.matmul(q_heads, jnp.swapaxes(k_heads, -1, -2),
-                        precision=lax.Precision.HIGHEST) * scale  # (B, Hkv, G Tq, S)
-    scores = scores.reshape(batch, heads, num_queries, num_keys)  # (B, Hq, Tq, S)
-    scores = jnp.where(visible[None, None], cap_scores(scores, softcap), MASK_VALUE)  # (B, Hq, Tq, S)
+    scores = grouped_scores(q, keys, scale, softcap, acc)  # (B, Hq, Tq, S)
+    scores = jnp.where(visible[None, None], scores, MASK_VALUE)  # (B, Hq, Tq, S)
     probs = masked_softmax(scores, visible[None, None])  # (B, Hq, Tq, S)
     out = weighted_values(probs, values).astype(values.dtype)  # (B, Tq, Hq, H)
     records: Dict[str, jax.Array] = {}
