@@ -83,7 +83,7 @@ from attnjax.analysis._common import (
 from attnjax.analysis._terms import (
     CONCENTRATED_MASS, DECISIVE, LOCAL_WINDOW, MIN_TOKENS_CONCENTRATED, MIN_TOKENS_JUMP,
 )
-from attnjax.analysis.scores import head_scores
+from attnjax.analysis.scores import anomaly_parameters, head_scores
 from attnjax.analysis.similarity import layer_similarity
 
 KINDS = ("over-dispersed", "over-concentrated", "jumping", "layer inconsistency")
@@ -146,10 +146,8 @@ def detect_anomalies(
     """
     limits = resolve_thresholds(AnomalyThresholds, thresholds, "anomaly")
     traces = as_traces(trace)
-    parameters = {"concentrated_mass": float(limits.concentrated_mass), "decisive": float(limits.decisive),
-                  "local_window": int(limits.local_window),
-                  "min_tokens_concentrated": int(limits.min_tokens_concentrated),
-                  "min_tokens_jump": int(limits.min_tokens_jump)}
+    parameters = anomaly_parameters(limits.concentrated_mass, limits.decisive, limits.local_window,
+                                    limits.min_tokens_concentrated, limits.min_tokens_jump)
     if scores is None or scores.attrs.get("anomaly_parameters") != parameters:
         scores = head_scores(traces, **parameters)
     ids = layer_ids(traces[0])

@@ -321,7 +321,6 @@ def query_weights(mask: jax.Array, input_ids: jax.Array, causal: bool,
             "first": mask & (position < reach),  # key 0 inside the window
             "repeat": repeats & (back < reach),  # the copy itself inside the window
             "repeat_successor": repeats & (back <= reach),  # the key after the copy inside it
-            "pairs": mask & after,  # adjacent query pairs (i, i + 1), both non-padding
         }
     names = by_window[windows[0]].keys()
     return {name: jnp.stack([by_window[w][name] for w in windows]).astype(jnp.float32) for name in names}  # (L, B, T)
