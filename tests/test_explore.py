@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import attnjax
-from attnjax import explorer as explorer_module
 from attnjax.viz.common import SCALES
 
 

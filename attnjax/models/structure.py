@@ -32,10 +32,13 @@ because it is O(D) against the matmuls' O(D^2)):
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:  # pandas is imported inside summary, so `import attnjax` stays light
+    import pandas as pd
 
 COLUMNS = ("module", "name", "depth", "kind", "shape", "params", "flops_per_token", "block")
 DEFAULT_TOKENS = 128  # the context length the attention FLOPs are counted at

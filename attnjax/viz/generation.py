@@ -23,7 +23,7 @@ import pandas as pd
 
 from attnjax.analysis._common import ALL_HEADS
 from attnjax.viz.common import inline, label_expr, label_param, require_columns, title, visible_text
-from attnjax.viz.frames import TEMPERATURES, next_token_frames, truncate
+from attnjax.viz.frames import next_token_frames, truncate
 from attnjax.viz.html import PAGE_CONTENT_WIDTH
 from attnjax.viz.next_token import VISIBLE_SPACE
 
