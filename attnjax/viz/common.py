@@ -275,7 +275,3 @@ def score_columns(frame: pd.DataFrame, exclude: Iterable[str] = ()) -> List[str]
     skip = set(exclude) | {"layer", "head"}
     return [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])
             and not pd.api.types.is_bool_dtype(frame[c])]
-
-
-def grid_axes(num_layers: int, num_heads: int, cell: int) -> Dict[str, Any]:
-    return {"width": num_heads * cell, "height": num_layers * cell}
