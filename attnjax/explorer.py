@@ -31,7 +31,8 @@ from attnjax.analysis import classify_heads, head_scores
 from attnjax.api import run
 from attnjax.tokenize import tokenize
 from attnjax.trace import Capture
-from attnjax.viz.attention import attention_heatmap, overview_from_maps
+from attnjax.viz.attention import attention_heatmap
+from attnjax.viz.overview import overview_spec
 from attnjax.viz.common import SCALES, check_scale, check_scheme
 from attnjax.viz.frames import HEATMAP_MAX_TOKENS, OVERVIEW_MAX_WEIGHTS, attention_frame, sequence_tokens
 
@@ -163,8 +164,17 @@ class Explorer:
         return self._views["heatmap"]
 
     def overview(self) -> Optional[alt.HConcatChart]:
-        """The model overview of the current text, or None (turned off, or over its budget)."""
-        return self._views.get("overview")
+        """The model overview of the current text, or None (turned off, or over its budget).
+
+        The widget shows the overview's spec (viz.overview.overview_spec) as built; the
+        Altair chart around it is made on the first call for each text."""
+        spec = self._specs.get("overview")
+        if spec is None:
+            return None
+        if "overview" not in self._views:
+            with alt.utils.schemapi.debug_mode(False):
+                self._views["overview"] = alt.HConcatChart.from_dict(spec, validate=False)
+        return self._views["overview"]
 
     def summary(self) -> str:
         """One line: tokens, and the selected head's category from classify_heads."""
@@ -186,27 +196,28 @@ class Explorer:
         for callback in self._on_change:  # the heatmap is on show before the overview is built
             callback(self)
         if overview and self.show_overview:
-            self._views["overview"] = self._build_overview()
+            self._views.pop("overview", None)
+            self._specs["overview"] = self._build_overview()
             self.timings["overview"] = (time.perf_counter() - drawn) * 1e3
             for callback in self._on_change:
                 callback(self)
 
-    def _build_overview(self):
+    def _build_overview(self) -> Optional[dict]:
         weights = self.num_layers * self.num_heads * self.num_tokens ** 2
         if weights > OVERVIEW_MAX_WEIGHTS:
             self.message = (f"The overview is left out: {self.num_tokens} tokens is over its budget for this "
                             "model size; the heatmap shows the selected head.")
             return None
         positions, tokens = sequence_tokens(self.trace)
-        attention = np.asarray(self.trace.attention[:, 0])                     # (L, H, T, T)
-        maps = attention[:, :, positions][:, :, :, positions]                  # (L, H, n, n)
+        first, count = int(positions[0]), len(positions)
+        if np.array_equal(positions, np.arange(first, first + count)):  # one run of tokens: slice, copy once
+            maps = np.asarray(self.trace.attention[:, 0, :, first:first + count, first:first + count])  # (L, H, n, n)
+        else:
+            attention = np.asarray(self.trace.attention[:, 0])                 # (L, H, T, T)
+            maps = attention[:, :, positions][:, :, :, positions]              # (L, H, n, n)
         layers = list(self.trace.layers) or list(range(self.num_layers))
-        with alt.utils.schemapi.debug_mode(False):
-            chart = overview_from_maps(maps, layers, range(self.num_heads), tokens, tokens, scores=self.heads,
-                                       scheme=self.scheme, scale=self.scale,
-                                       start=(layers[self.layer], self.head))
-        self._specs["overview"] = chart.to_dict(validate=False)
-        return chart
+        return overview_spec(maps, layers, range(self.num_heads), tokens, tokens, scores=self.heads,
+                             scheme=self.scheme, scale=self.scale, start=(layers[self.layer], self.head))
 
     def _index(self, value, count: int, name: str) -> Optional[int]:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -281,14 +292,14 @@ class _ExplorerWidget:
         self.message.value = explorer.message
         self.status.value = explorer.summary()
         for name, out in (("heatmap", self.heatmap_out), ("overview", self.overview_out)):
-            chart = explorer._views.get(name)
-            if chart is self._shown.get(name):
+            spec = explorer._specs.get(name)
+            if spec is self._shown.get(name):
                 continue
-            self._shown[name] = chart
+            self._shown[name] = spec
             with out:
                 out.clear_output(wait=True)
-                if chart is not None:  # the spec built with the chart, through the active Altair renderer
-                    bundle = alt.renderers.get()(explorer._specs[name])
+                if spec is not None:  # the spec as built, through the active Altair renderer
+                    bundle = alt.renderers.get()(spec)
                     data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
                     display(data, metadata=metadata, raw=True)
 

@@ -37,7 +37,7 @@ from attnjax import analysis
 from attnjax.models.common import is_decoder
 from attnjax.report_inside import inside_blocks, overview_start
 from attnjax.trace import Capture, Trace
-from attnjax.viz.attention import model_overview
+from attnjax.viz.overview import model_overview
 from attnjax.viz.frames import OVERVIEW_MAX_WEIGHTS, attention_frame, next_token_frames, sequence_tokens, truncate
 from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
 from attnjax.viz.html import Block, save_html

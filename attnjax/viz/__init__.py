@@ -10,7 +10,7 @@ DataFrames come from attnjax.analysis (or, for attention maps, from
 ``attention_frame``). See docs/viz.md for the charts and the size budget.
 """
 
-from attnjax.viz.attention import attention_heatmap, model_overview
+from attnjax.viz.attention import attention_heatmap
 from attnjax.viz.corpus import corpus_anomaly_chart, corpus_focus, spread_chart, stability_chart
 from attnjax.viz.frames import (
     HEATMAP_MAX_TOKENS,
@@ -23,6 +23,7 @@ from attnjax.viz.generation import generation_frames, generation_view, span_mass
 from attnjax.viz.grids import anomaly_chart, comparison_chart, taxonomy_chart
 from attnjax.viz.head_view import head_view
 from attnjax.viz.html import save_html, save_image, to_html
+from attnjax.viz.overview import model_overview
 from attnjax.viz.qk_map import qk_embedding
 from attnjax.viz.steps import attention_steps
 from attnjax.viz.structure import model_structure

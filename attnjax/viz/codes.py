@@ -29,12 +29,22 @@ _LOOKUP = np.frombuffer(ALPHABET.encode("ascii"), dtype=np.uint8)
 
 def encode(weights: np.ndarray) -> str:
     """Code string of a weight array, flattened in C order."""
-    weights = np.asarray(weights, dtype=np.float64).ravel()
-    codes = np.zeros(weights.shape, dtype=np.int64)
+    return _LOOKUP[_levels(np.ravel(weights))].tobytes().decode("ascii")
+
+
+def encode_each(maps: np.ndarray) -> list:
+    """The code string of each map in (N, ...) ``maps`` (each flattened in C order), in one pass."""
+    maps = np.asarray(maps)
+    characters = _LOOKUP[_levels(maps.reshape(len(maps), -1))]                 # (N, size)
+    return [row.tobytes().decode("ascii") for row in characters]
+
+
+def _levels(weights: np.ndarray) -> np.ndarray:
+    """The code (0 .. LEVELS - 1) of every weight."""
+    weights = np.asarray(weights, dtype=np.float64)
     kept = weights >= FLOOR
-    codes[kept] = 1 + np.round((np.log10(np.minimum(weights[kept], 1.0)) + DECADES) / STEP).astype(np.int64)
-    codes = np.clip(codes, 0, LEVELS - 1)
-    return _LOOKUP[codes].tobytes().decode("ascii")
+    steps = np.round((np.log10(np.clip(weights, FLOOR, 1.0)) + DECADES) / STEP).astype(np.int64)
+    return np.clip(np.where(kept, 1 + steps, 0), 0, LEVELS - 1)
 
 
 def decode(text: str) -> np.ndarray:

@@ -68,14 +68,14 @@ def palette(scheme: str) -> np.ndarray:
 
 
 def pool_map(attention: np.ndarray, bins: int) -> np.ndarray:
-    """Block mean of a (Tq, Tk) map into at most ``bins`` x ``bins`` cells.
+    """Block mean of (..., Tq, Tk) maps into at most ``bins`` x ``bins`` cells each.
 
     Position t goes to bin floor(t * P / T), the binning of AttentionStats.pooled.
     """
     attention = np.asarray(attention, dtype=np.float64)
-    rows = _bin_matrix(attention.shape[0], bins)  # (Pq, Tq)
-    cols = _bin_matrix(attention.shape[1], bins)  # (Pk, Tk)
-    return rows @ attention @ cols.T              # (Pq, Pk)
+    rows = _bin_matrix(attention.shape[-2], bins)  # (Pq, Tq)
+    cols = _bin_matrix(attention.shape[-1], bins)  # (Pk, Tk)
+    return rows @ attention @ cols.T               # (..., Pq, Pk)
 
 
 def _bin_matrix(length: int, bins: int) -> np.ndarray:
@@ -87,29 +87,33 @@ def _bin_matrix(length: int, bins: int) -> np.ndarray:
 
 
 def to_levels(values: np.ndarray, scale: str = "linear", floor: float = 1e-4) -> np.ndarray:
-    """Map a non-negative map to colour levels 0..255, relative to its own range.
+    """Map non-negative (..., Q, K) maps to colour levels 0..255, each relative to its own range.
 
     linear: value / max; log: log(value) between ``floor`` and max; quantile: the
     rank of each value among the map's values (so one dominant column cannot wash
     out the rest); absolute: the value itself on [0, 1] (not relative to the map).
+    A map whose largest value is not positive is all level 0.
     """
-    values = np.asarray(values, dtype=np.float64)
-    top = values.max() if values.size else 0.0
-    if top <= 0:
+    values = np.asarray(values, dtype=np.float64)                          # (..., Q, K)
+    if values.size == 0:
         return np.zeros(values.shape, dtype=np.uint8)
+    flat = values.reshape(values.shape[:-2] + (-1,))                       # (..., Q*K)
+    top = flat.max(axis=-1)[..., None]                                     # (..., 1)
+    positive = np.where(top > 0, top, 1.0)                                 # (..., 1)
     if scale == "linear":
-        unit = values / top
+        unit = flat / positive
     elif scale == "log":
-        low = min(floor, top)
-        unit = (np.log(np.clip(values, low, top)) - np.log(low)) / max(np.log(top) - np.log(low), 1e-12)
+        low = np.minimum(floor, positive)
+        unit = (np.log(np.clip(flat, low, positive)) - np.log(low)) / np.maximum(np.log(positive) - np.log(low), 1e-12)
     elif scale == "absolute":  # the weight itself on [0, 1], not relative to the map's maximum
-        unit = np.clip(values, 0.0, 1.0)
+        unit = np.clip(flat, 0.0, 1.0)
     elif scale == "quantile":
-        ranks = np.argsort(np.argsort(values, axis=None, kind="stable"), kind="stable")
-        unit = (ranks / max(values.size - 1, 1)).reshape(values.shape)
+        ranks = np.argsort(np.argsort(flat, axis=-1, kind="stable"), axis=-1, kind="stable")
+        unit = ranks / max(flat.shape[-1] - 1, 1)
     else:
         raise ValueError(f"Unknown colour scale {scale!r}; choose 'linear', 'log', 'quantile' or 'absolute'.")
-    return np.round(unit * (PALETTE_SIZE - 1)).astype(np.uint8)
+    unit = np.where(top > 0, unit, 0.0)
+    return np.round(unit * (PALETTE_SIZE - 1)).astype(np.uint8).reshape(values.shape)
 
 
 def png_indexed(levels: np.ndarray, colours: np.ndarray) -> bytes:
@@ -138,10 +142,19 @@ def thumbnail(attention: np.ndarray, *, scheme: str = "viridis", scale: str = "l
     Maps longer than ``min(max_bins, size)`` are pooled first: a thumbnail drawn at
     ``size`` px cannot show more than ``size`` bins anyway.
     """
+    return thumbnails(np.asarray(attention)[None], scheme=scheme, scale=scale, size=size, max_bins=max_bins)[0]
+
+
+def thumbnails(maps: np.ndarray, *, scheme: str = "viridis", scale: str = "linear", size: int = 48,
+               max_bins: int = THUMB_MAX_BINS) -> list:
+    """``thumbnail`` of every (Tq, Tk) map in (..., Tq, Tk) ``maps``, in C order, pooled and
+    coloured in one pass (one PNG is still written per map)."""
+    maps = np.asarray(maps)
     bins = min(max_bins, size)
-    pooled = pool_map(attention, bins) if max(attention.shape) > bins else np.asarray(attention)
-    levels = to_levels(pooled, scale)                                      # (Pq, Pk)
-    factor = max(1, -(-size // max(levels.shape)))                         # ceil(size / P)
-    levels = np.repeat(np.repeat(levels, factor, axis=0), factor, axis=1)  # (Pq * f, Pk * f)
-    encoded = base64.b64encode(png_indexed(levels, palette(scheme))).decode("ascii")
-    return "data:image/png;base64," + encoded
+    pooled = pool_map(maps, bins) if max(maps.shape[-2:]) > bins else maps       # (..., Pq, Pk)
+    levels = to_levels(pooled, scale)                                          # (..., Pq, Pk)
+    factor = max(1, -(-size // max(levels.shape[-2:])))                        # ceil(size / P)
+    levels = np.repeat(np.repeat(levels, factor, axis=-2), factor, axis=-1)    # (..., Pq * f, Pk * f)
+    colours = palette(scheme)
+    return ["data:image/png;base64," + base64.b64encode(png_indexed(image, colours)).decode("ascii")
+            for image in levels.reshape((-1,) + levels.shape[-2:])]
