@@ -19,21 +19,28 @@ notebook's display sends; the browser's drawing is not timed):
 - new head:              Explorer.set_head (heatmap only).
 
 Then ``import attnjax`` and ``attnjax.load("minilm")`` (after the import), each timed
-in fresh subprocesses (median of a few).
+in fresh subprocesses (median of a few), and the whole ``attnjax report --text "The cat
+sat on the mat."`` command, wall clock: once cold (``ATTNJAX_CACHE`` a new empty
+directory, so neither compiled programs nor the Vega bundle are cached) and then warm
+(the same directory; median of a few).
 
-    python benchmarks/interactive.py [--pad-to bucket|exact] [--startup-repeats 3]
+    python benchmarks/interactive.py [--pad-to bucket|exact] [--startup-repeats 3] [--report-repeats 3]
 
 Targets (issue 10): total <= 200 ms median, forward <= 50 ms; action -> updated view
-<= 200 ms; import <= 1 s, load <= 1.5 s. Timings are wall clock on whatever shares the machine.
+<= 200 ms; import <= 1 s, load <= 1.5 s; report <= 6 s warm, <= 15 s cold. Timings are
+wall clock on whatever shares the machine; the load average is printed with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 # Words to draw texts from: ordinary prose, so lengths vary with the word count.
 WORDS = ("the quick brown fox jumps over a lazy dog while students read their books in "
@@ -116,13 +123,31 @@ LOAD_CODE = ("import time, attnjax; t = time.perf_counter(); attnjax.load('minil
              "print(time.perf_counter() - t)")
 
 
+REPORT_TEXT = "The cat sat on the mat."
+
+
+def report_seconds(cache: Path, out: Path) -> float:
+    """Wall seconds of one `attnjax report` command (interpreter start included)."""
+    command = [str(Path(sys.executable).with_name("attnjax")), "report", "--text", REPORT_TEXT, "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(command, capture_output=True, text=True, check=True,
+                   env={**os.environ, "ATTNJAX_CACHE": str(cache / "jax")})
+    return time.perf_counter() - start
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pad-to", default="bucket", help="'bucket' (run's default), 'exact', or an int")
     parser.add_argument("--texts", type=int, default=10)
     parser.add_argument("--startup-repeats", type=int, default=3)
+    parser.add_argument("--report-repeats", type=int, default=3)
     args = parser.parse_args(argv)
     pad_to = None if args.pad_to == "bucket" else (args.pad_to if args.pad_to == "exact" else int(args.pad_to))
+    print(f"({load_average()})")
     medians, times, lengths = warm_medians(pad_to, args.texts)
     print(f"MiniLM, warm process, {args.texts} new texts of {min(lengths)}-{max(lengths)} tokens "
           f"(pad_to={args.pad_to}); median ms:")
@@ -135,6 +160,15 @@ def main(argv=None) -> None:
     print(f"fresh subprocesses, median of {args.startup_repeats}:")
     print(f"  import attnjax          {fresh_seconds(IMPORT_CODE, args.startup_repeats):6.2f} s")
     print(f"  attnjax.load('minilm')  {fresh_seconds(LOAD_CODE, args.startup_repeats):6.2f} s")
+    with tempfile.TemporaryDirectory() as folder:
+        cache, out = Path(folder), Path(folder) / "report.html"
+        cold = report_seconds(cache, out)
+        warm = [report_seconds(cache, out) for _ in range(args.report_repeats)]
+    print(f"attnjax report --text {REPORT_TEXT!r}, whole command, wall:")
+    print(f"  cold (empty cache)      {cold:6.2f} s")
+    print(f"  warm (median of {len(warm)})     {statistics.median(warm):6.2f} s   "
+          f"({', '.join(f'{value:.2f}' for value in warm)})")
+    print(f"({load_average()})")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,36 @@ def test_quantile_levels_ignore_a_dominant_column():
     assert len(np.unique(images.to_levels(weights, "quantile")[:, 1:])) > 40
 
 
+@pytest.mark.parametrize("scale", ["linear", "log", "quantile", "absolute"])
+def test_levels_and_codes_of_many_maps_are_each_maps_own(scale):
+    # The overview colours and codes all heads in one pass; each map must still be
+    # scaled by its own range (a head at 1/10 of another's weights is not 10x darker,
+    # except on the absolute scale) and an all-zero map must stay level 0.
+    rng = np.random.default_rng(0)
+    one = rng.dirichlet(np.ones(6), size=6)                                  # (6, 6), rows sum to 1
+    maps = np.stack([one, one / 10, np.zeros_like(one)])                     # (3, 6, 6)
+    together = images.to_levels(maps, scale)
+    for index in range(3):
+        assert np.array_equal(together[index], images.to_levels(maps[index], scale))
+    if scale in ("linear", "quantile"):
+        assert np.array_equal(together[0], together[1])
+    assert not together[2].any()
+    assert codes.encode_each(maps) == [codes.encode(m) for m in maps]
+    assert images.thumbnails(maps, scale=scale, size=12) == [images.thumbnail(m, scale=scale, size=12) for m in maps]
+
+
+def test_json_rows_are_records():
+    # The JSON text the charts carry holds exactly the rows viz.common.records makes:
+    # floats to 4 significant digits, NaN/inf as null, text made visible, even "%" in a name.
+    frame = pd.DataFrame({"query": [0, 1], "weight": [0.123456, np.nan], "token": ["a\u202eb", "%s"],
+                          "flag": [True, False], "big %": [12345.678, np.inf]})
+    from attnjax.viz.common import json_rows, records
+
+    assert json.loads(json_rows(frame)) == records(frame) == [
+        {"query": 0, "weight": 0.1235, "token": "a\u27e8U+202E\u27e9b", "flag": True, "big %": 12350.0},
+        {"query": 1, "weight": None, "token": "%s", "flag": False, "big %": None}]
+
+
 # --- script-safe JSON -------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", [HOSTILE, "<!-- x", "a & b", "x\u2028y\u2029z", "</SCRIPT >", "\"'\\"])

@@ -134,9 +134,10 @@ def overview_spec(maps: np.ndarray, layer_ids, head_ids, q_tokens, k_tokens, *, 
     zoom = {"name": "overview_zoom", "views": [DETAIL_VIEW], "select": {"type": "interval"}, "bind": "scales"}
     labels = [_labels("overview_query_labels", q_tokens), _labels("overview_key_labels", k_tokens)]
     heads_info = {"name": "overview_heads", "value": info}
-    thumbnails = "thumbnails on a fixed 0-1 scale" if scale == "absolute" else f"thumbnails scaled per head ({scale})"
+    thumbnail_note = ("thumbnails on a fixed 0-1 scale" if scale == "absolute"
+                      else f"thumbnails scaled per head ({scale})")
     subtitle = [block_means_note(pooled),
-                f"{n_layers} layers x {n_heads} heads, {n_q} {'bins' if pooled else 'tokens'}; {thumbnails}, "
+                f"{n_layers} layers x {n_heads} heads, {n_q} {'bins' if pooled else 'tokens'}; {thumbnail_note}, "
                 f"colour scheme {scheme}"]
     datasets: Dict[str, str] = {}
     return {
