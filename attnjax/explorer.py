@@ -32,7 +32,7 @@ from attnjax.api import run
 from attnjax.tokenize import tokenize
 from attnjax.trace import Capture
 from attnjax.viz.attention import attention_heatmap
-from attnjax.viz.overview import overview_spec
+from attnjax.viz.overview import opened_at, overview_spec
 from attnjax.viz.common import SCALES, check_scale, check_scheme
 from attnjax.viz.frames import HEATMAP_MAX_TOKENS, OVERVIEW_MAX_WEIGHTS, attention_frame, sequence_tokens
 
@@ -125,7 +125,7 @@ class Explorer:
         return True
 
     def set_layer(self, layer) -> bool:
-        """Select a layer (0-based) and redraw the heatmap."""
+        """Select a layer (0-based): redraw the heatmap and open its head in the overview."""
         value = self._index(layer, self.num_layers, "layer")
         if value is None:
             return False
@@ -134,7 +134,7 @@ class Explorer:
         return True
 
     def set_head(self, head) -> bool:
-        """Select a head (0-based, within the layer) and redraw the heatmap."""
+        """Select a head (0-based, within the layer): redraw the heatmap and open it in the overview."""
         value = self._index(head, self.num_heads, "head")
         if value is None:
             return False
@@ -198,9 +198,14 @@ class Explorer:
         if overview and self.show_overview:
             self._views.pop("overview", None)
             self._specs["overview"] = self._build_overview()
-            self.timings["overview"] = (time.perf_counter() - drawn) * 1e3
-            for callback in self._on_change:
-                callback(self)
+        elif self._specs.get("overview") is not None:  # the same maps: only the head it opens on changes
+            self._views.pop("overview", None)
+            self._specs["overview"] = opened_at(self._specs["overview"], self._layer_id(), self.head)
+        else:
+            return
+        self.timings["overview"] = (time.perf_counter() - drawn) * 1e3
+        for callback in self._on_change:
+            callback(self)
 
     def _build_overview(self) -> Optional[dict]:
         weights = self.num_layers * self.num_heads * self.num_tokens ** 2
@@ -215,9 +220,16 @@ class Explorer:
         else:
             attention = np.asarray(self.trace.attention[:, 0])                 # (L, H, T, T)
             maps = attention[:, :, positions][:, :, :, positions]              # (L, H, n, n)
-        layers = list(self.trace.layers) or list(range(self.num_layers))
+        layers = self._layer_ids()
         return overview_spec(maps, layers, range(self.num_heads), tokens, tokens, scores=self.heads,
-                             scheme=self.scheme, scale=self.scale, start=(layers[self.layer], self.head))
+                             scheme=self.scheme, scale=self.scale, start=(self._layer_id(), self.head))
+
+    def _layer_ids(self) -> list:
+        """The model's layer numbers of the trace's layers (all of them unless the capture chose some)."""
+        return list(self.trace.layers) or list(range(self.num_layers))
+
+    def _layer_id(self) -> int:
+        return int(self._layer_ids()[self.layer])
 
     def _index(self, value, count: int, name: str) -> Optional[int]:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

@@ -156,3 +156,22 @@ def test_the_explorers_overview_is_model_overview_of_the_trace(explorer):
     explorer.set_text("She went home.")
     expected = viz.model_overview(viz.attention_frame(explorer.trace), scores=explorer.heads, start=(3, 2))
     assert explorer.overview().to_dict() == expected.to_dict()
+
+
+def test_the_overview_opens_on_the_head_the_selectors_chose(minilm):
+    # explore(layer=3, head=4) and later selector changes open that head in the overview
+    # too; a head change re-points the overview without rebuilding its data.
+    from attnjax import viz
+
+    explorer = attnjax.explore(minilm, "The cat sat on the mat.", layer=3, head=4)
+
+    def start(spec):
+        return next(p["value"] for p in spec["params"] if p["name"] == "head_select")
+
+    assert start(explorer._specs["overview"]) == [{"layer": 3, "head": 4}]
+    before = explorer._specs["overview"]
+    assert explorer.set_head(7) and explorer.set_layer(1)
+    after = explorer._specs["overview"]
+    assert start(after) == [{"layer": 1, "head": 7}] and after["datasets"] is before["datasets"]
+    expected = viz.model_overview(viz.attention_frame(explorer.trace), scores=explorer.heads, start=(1, 7))
+    assert explorer.overview().to_dict() == expected.to_dict()

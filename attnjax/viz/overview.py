@@ -154,6 +154,14 @@ def overview_spec(maps: np.ndarray, layer_ids, head_ids, q_tokens, k_tokens, *, 
     }
 
 
+def opened_at(spec: Dict[str, Any], layer: int, head: int) -> Dict[str, Any]:
+    """An ``overview_spec`` dict that opens (layer, head) first: a shallow copy with only the
+    ``head_select`` start changed, its data shared (no rebuild when only the head changes)."""
+    start = [{"layer": int(layer), "head": int(head)}]
+    params = [{**param, "value": start} if param["name"] == "head_select" else param for param in spec["params"]]
+    return {**spec, "params": params}
+
+
 def _head_tables(maps: np.ndarray, layer_ids: List[int], head_ids: List[int], pooled: bool, scheme: str,
                  scale: str, cell: int):
     """Per head: the grid row (thumbnail, distance from uniform, marker), the code row
