@@ -70,6 +70,22 @@ def test_every_chart_draws_offline(chromium, trace, tmp_path):
     assert not failures, f"charts that did not draw (name, drawn, errors, svg, canvas): {failures}"
 
 
+def test_the_first_key_keeps_its_label(chromium, tmp_path):
+    # Key labels are tilted, so the first one starts left of the axis; with Vega's plain
+    # labelBound it was hidden once cells are narrow (here 38 tokens: 12 px), and [CLS]
+    # (often the most attended key) went unnamed on the key axis of the heatmap and the
+    # overview's large view. It must be on both axes, drawn (Vega hides with opacity 0).
+    frame = viz.attention_frame(attnjax.run(attnjax.load("minilm"), "The cat sat on the mat. " * 6))
+    for name, chart in (("heatmap", viz.attention_heatmap(frame, layer=0, head=0)),
+                        ("overview", viz.model_overview(frame))):
+        path = tmp_path / f"{name}.html"
+        path.write_text(to_html(chart, renderer="svg"))
+        page = browser.render(path, chromium=chromium)
+        assert page.drew
+        shown = re.findall(r'<text[^>]*opacity="1"[^>]*>\[CLS\]</text>', page.dom)
+        assert len(shown) == 2, name  # the query axis and the key axis
+
+
 def hostile_frame(n: int = 6) -> pd.DataFrame:
     tokens = ["[CLS]"] + HOSTILE + ["fine"] * (n - 1 - len(HOSTILE))
     index = np.arange(n)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from attnjax.viz.common import (
+    KEY_LABEL_BOUND,
     ZOOM_HINT,
     check_scale,
     colour_calculation,
@@ -57,12 +58,13 @@ def zoom_axes(n_q: int, n_k: int, q_labels: str, k_labels: str, fields=("query_i
     The tooltip always has the token.
     """
     q_field, k_field = fields
-    axis = dict(tickMinStep=1, grid=False, labelFontSize=9, labelOverlap="greedy", labelBound=True)
+    axis = dict(tickMinStep=1, grid=False, labelFontSize=9, labelOverlap="greedy")
     x = alt.X(f"{k_field}_x0:Q", title="key", scale=alt.Scale(domain=[-0.5, n_k - 0.5], nice=False, zero=False),
-              axis=alt.Axis(labelExpr=label_expr(k_labels), labelAngle=-60, tickCount=n_k, **axis))
+              axis=alt.Axis(labelExpr=label_expr(k_labels), labelAngle=-60, tickCount=n_k,
+                            labelBound=KEY_LABEL_BOUND, **axis))
     y = alt.Y(f"{q_field}_y0:Q", title="query",
               scale=alt.Scale(domain=[-0.5, n_q - 0.5], nice=False, zero=False, reverse=True),
-              axis=alt.Axis(labelExpr=label_expr(q_labels), tickCount=n_q, **axis))
+              axis=alt.Axis(labelExpr=label_expr(q_labels), tickCount=n_q, labelBound=True, **axis))
     calculations = {f"{k_field}_x0": f"datum.{k_field} - 0.5", f"{k_field}_x1": f"datum.{k_field} + 0.5",
                     f"{q_field}_y0": f"datum.{q_field} - 0.5", f"{q_field}_y1": f"datum.{q_field} + 0.5"}
     return dict(x=x, x2=f"{k_field}_x1:Q", y=y, y2=f"{q_field}_y1:Q"), calculations

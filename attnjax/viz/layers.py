@@ -10,6 +10,7 @@ import pandas as pd
 
 from attnjax.viz import codes
 from attnjax.viz.common import (
+    KEY_LABEL_BOUND,
     ZOOM_HINT,
     check_scale,
     check_scheme,
@@ -160,7 +161,8 @@ def token_flow_chart(raw: pd.DataFrame, rollout: Optional[pd.DataFrame] = None, 
     x = alt.X("x0:Q", title="key (attended token)",
               scale=alt.Scale(domain=[-0.5, n_keys - 0.5], nice=False, zero=False),
               axis=alt.Axis(labelExpr=label_expr("flow_key_labels"), labelAngle=-60, labelFontSize=9,
-                            labelOverlap="greedy", labelBound=True, tickMinStep=1, tickCount=n_keys, grid=False))
+                            labelOverlap="greedy", labelBound=KEY_LABEL_BOUND, tickMinStep=1, tickCount=n_keys,
+                            grid=False))
     edges = {"x0": "datum.index - 0.5", "x1": "datum.index + 0.5"}
     y = alt.Y("layer:O", title="layer")
     # One colour domain for the mean and every head, so the head dropdown keeps colours comparable.
