@@ -3,8 +3,9 @@
 ``Batcher`` reads an iterable of texts once (a generator over a file is never held
 whole or iterated twice), keeps this process's share (text i goes to process
 i % process_count), tokenises chunks of texts in one fast-tokenizer call, and sorts
-the texts into length buckets (attnjax.tokenize.bucket_length: 16, 32, ..., 512, then
-multiples of 512), so the device sees few shapes. A bucket that holds ``batch_size``
+the texts into length buckets (attnjax.tokenize.bucket_length with fine=True: 16, 24,
+32, 48, ..., 384, 512, then multiples of 512), so the device sees few shapes and
+little padding. A bucket that holds ``batch_size``
 texts leaves as a Batch; at the end the partial buckets leave padded with copies of
 their first row (marked invalid, so they count for nothing).
 
@@ -179,7 +180,7 @@ class Batcher:
                 self._skipped.append((index, ONLY_SPECIAL if len(ids) <= self.max_length else TOO_LONG))
                 continue
             types = list(features.get("token_type_ids") or [0] * len(ids))
-            bucket = bucket_length(len(ids), limit)
+            bucket = bucket_length(len(ids), limit, fine=True)
             self._buckets.setdefault(bucket, []).append((index, ids, types, position in long))
 
     def _emit_full(self, read: int, digest: str) -> None:

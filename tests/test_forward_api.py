@@ -263,6 +263,9 @@ def test_run_pads_to_a_length_bucket_by_default(minilm):
                                    np.where(real, np.asarray(exact.attention), 0), rtol=1e-4, atol=1e-6)
     assert bucket_length(1, 512) == 16 and bucket_length(129, 512) == 256 and bucket_length(513, 4096) == 1024
     assert bucket_length(1500, 4096) == 1536 and bucket_length(300, 300) == 300 and bucket_length(60, 40) == 60
+    # The corpus profile's finer buckets: halfway points between the powers of two.
+    fine = sorted({bucket_length(n, 4096, fine=True) for n in range(1, 1100)})
+    assert fine == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 1536]
 
 
 def test_texts_that_truncation_cannot_fit_or_that_hold_no_words(minilm):
