@@ -24,10 +24,11 @@ string (both kept in the output), or after max_new_tokens.
 
 Cost: the cache holds bucket_length(prompt + max_new_tokens) positions (powers of two,
 then multiples of 512), and the prompt is padded to its own bucket, so prompts and
-lengths in one bucket reuse one compiled prefill and step. The prefill is the dense
-computation over the cache (an (heads, prompt, cache) score matrix per layer, built
-one layer at a time), not the blockwise kernel: fine for prompts of a few thousand
-tokens. top_p keeps every token tied with the last one kept (transformers cuts ties by
+lengths in one bucket reuse one compiled prefill and step. The prefill runs the
+model's own attention on the prompt (the streaming kernel: no (prompt, prompt) matrix
+unless Capture(attention=True) or scores are asked for), so a long prompt costs O(P)
+attention memory with Capture(stats=True) or no capture; each decode step attends
+over the cache densely, one (heads, 1, cache) row per layer. top_p keeps every token tied with the last one kept (transformers cuts ties by
 sort order).
 
 The trace: row i of every recorded array is query position i. Prompt rows come from
@@ -160,16 +161,18 @@ def choose_token(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "config", "capture", "recorded"),
+@functools.partial(jax.jit, static_argnames=("family", "config", "capture", "recorded", "prefill"),
                    donate_argnames=("cache",))
 def advance(params, ids, length, offset, cache, seed, step, temperature, top_k, top_p, *,
-            family, config, capture: Capture, recorded: Tuple[int, ...]):
+            family, config, capture: Capture, recorded: Tuple[int, ...], prefill: bool = False):
     """Run ids (1, T) at positions offset.. through the cached model; choose the next token.
 
     length: how many of the T ids are real (a padded prompt; 1 for a decode step); the
-    next token is chosen from the logits of the last real one. Returns (token (),
-    logits (V,), cache, records: the stacked arrays the capture asks for).
+    next token is chosen from the logits of the last real one. prefill: the prompt at
+    offset 0, run with the model's own attention path (models.attention.attend_with_cache).
+    Returns (token (), logits (V,), cache, records: the stacked arrays the capture asks for).
     """
+    offset = 0 if prefill else offset  # a static 0: the layers know nothing is cached before the prompt
     mask = (jnp.arange(ids.shape[1]) < length)[None]  # (1, T)
     output, hidden_states, layer_records, cache = module_for(family, config).apply(
         {"params": params}, ids, mask, None, capture, recorded, "auto", None, logits="last",
@@ -235,14 +238,14 @@ def generate(model, prompt: Prompt, *, max_new_tokens: int, temperature: float =
     sampling = (np.int32(seed), np.float32(temperature), np.int32(top_k or 0), np.float32(1.0 if top_p is None
                                                                                             else top_p))
 
-    def run(token_ids, length, offset, cache, step):
+    def run(token_ids, length, offset, cache, step, prefill=False):
         seed_, temperature_, top_k_, top_p_ = sampling
         return advance(params, token_ids, np.int32(length), np.int32(offset), cache, seed_, np.int32(step),
-                       temperature_, top_k_, top_p_, **statics)
+                       temperature_, top_k_, top_p_, prefill=prefill, **statics)
 
     first = np.zeros((1, padded), np.int32)
     first[0, :prompt_length] = ids
-    token, logits, cache, records = run(first, prompt_length, 0, cache, 0)
+    token, logits, cache, records = run(first, prompt_length, 0, cache, 0, prefill=True)
     parts: List[Dict] = [jax.device_get(records)] if recording else []  # host copies: O(T) per step
     new_ids: List[int] = []
     step_logits = [logits]

@@ -20,12 +20,23 @@ box its default 2 threads spin against the other jobs and ran the tiny model's
 generate about 8x slower (7.7 against 65 tokens/s) than with one.
 
     python benchmarks/generate.py [--repeats 3] [--new-tokens 64] [--torch-threads 1]
+
+With ``--long-prompt P`` it instead measures a long prompt on the SmolLM-shaped model:
+attnjax.generate of 8 new tokens after a P-token prompt (P + 8 <= 2048), with
+Capture(stats=True) and without capture, each in a fresh process: wall seconds of the
+first call (compilation included) and of a second one, and the process's peak RSS.
+The prefill runs the streaming kernel, so its attention memory grows as O(P).
+
+    python benchmarks/generate.py --long-prompt 2040
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -105,12 +116,53 @@ def measure(shape_name: str, shape: dict, new_tokens: int, repeats: int) -> dict
     return rates
 
 
+LONG_NEW_TOKENS = 8
+
+
+def long_prompt_once(directory: str, prompt_tokens: int, stats: bool) -> dict:
+    """In this process: two generate calls after a long random prompt; seconds and peak RSS."""
+    import resource
+    import time
+
+    import numpy as np
+
+    import attnjax
+
+    model = dataclasses.replace(attnjax.load(directory), eos_token_ids=())
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_tokens).astype(np.int32)
+    capture = attnjax.Capture(stats=True) if stats else None
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        attnjax.generate(model, prompt, max_new_tokens=LONG_NEW_TOKENS, capture=capture, progress=False)
+        seconds.append(time.perf_counter() - start)
+    return {"first": seconds[0], "second": seconds[1], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def long_prompt(prompt_tokens: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = str(build(Path(tmp), SHAPES["SmolLM-135M shapes"]))
+        print(f"SmolLM-135M shapes, {prompt_tokens}-token prompt, {LONG_NEW_TOKENS} new tokens; fresh process each")
+        print(f"{'capture':<22} {'first call s':>12} {'second call s':>14} {'peak RSS MB':>12}")
+        for stats in (True, False):
+            code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import generate; "
+                    f"print(json.dumps(generate.long_prompt_once({directory!r}, {prompt_tokens}, {stats})))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            name = "Capture(stats=True)" if stats else "no capture"
+            print(f"{name:<22} {row['first']:>12.2f} {row['second']:>14.2f} {row['peak_mb']:>12.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--long-prompt", type=int, default=None, help="measure one long prompt instead")
     args = parser.parse_args()
+    if args.long_prompt:
+        long_prompt(args.long_prompt)
+        return
     import torch
 
     torch.set_num_threads(args.torch_threads)

@@ -206,3 +206,34 @@ def test_chat_template_renders_and_encodes_as_transformers(tmp_path):
 
         ids, prompt_text = prompt_ids(model, messages)
         assert prompt_text == text and ids.tolist() == list(expected)
+
+
+def test_a_long_prompts_prefill_builds_no_prompt_by_cache_matrix(tmp_path):
+    """The prefill runs the model's own attention (the streaming kernel) on the prompt, so
+    with Capture(stats=True) or no capture its program holds no (prompt, cache) or
+    (prompt, prompt) array: a long prompt costs O(P) attention memory, not O(P x S)."""
+    from tests.test_forward_api import all_shapes
+    from attnjax.generate import advance
+    from attnjax.models import kv_cache
+
+    tiny_gpt2(tmp_path, with_tokenizer=False, n_positions=1600)
+    model = attnjax.load(tmp_path)
+    config = model.config
+    prompt = 1100  # padded to its 1536-position bucket, over one 512-key block of the kernel
+    size = 1536    # the cache: bucket_length(prompt + a few new tokens)
+    ids = np.ones((1, size), np.int32)
+
+    def shapes(capture):
+        cache = kv_cache.empty_cache(config.num_layers, 1, size, config.num_heads,
+                                     config.hidden_size // config.num_heads, np.float32)
+        statics = dict(family=model.family, config=config, capture=capture,
+                       recorded=capture.resolve_layers(config.num_layers), prefill=True)
+        program = jax.make_jaxpr(lambda params, ids, cache: advance(
+            params, ids, np.int32(prompt), np.int32(0), cache, np.int32(0), np.int32(0), np.float32(0),
+            np.int32(0), np.float32(1), **statics))(model.params, ids, cache)
+        return list(all_shapes(program.jaxpr))
+
+    square = lambda shape: len(shape) >= 2 and shape[-2:] == (size, size)
+    assert any(square(s) for s in shapes(Capture(attention=True))), "the check must see the matrix"
+    assert not any(square(s) for s in shapes(Capture(stats=True)))
+    assert not any(square(s) for s in shapes(Capture()))

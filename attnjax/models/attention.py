@@ -5,7 +5,8 @@ attention output plus what that layer records. It builds the T x T matrix only w
 the capture asks for it (``attention`` or ``scores``); otherwise it hands q, k, v to
 ``attnjax.kernels.attention`` (blockwise on CPU, Pallas on GPU/TPU), which can also
 emit streaming AttentionStats. A user-supplied attention function (``impl`` a
-callable) replaces the kernel; see ``attend`` for its contract.
+callable) replaces the kernel; see ``attend`` for its contract. During generation
+``attend_with_cache`` does the same over a key/value cache (models/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import kernels
+from attnjax.models import kv_cache
 from attnjax.trace import Capture
 
 AttentionImpl = Union[str, Callable]
@@ -161,6 +163,33 @@ def attend(
         )
     else:
         out = kernels.attention(q, k, v, mask=mask, causal=causal, scale=scale, impl=impl, **options)
+    return out, records
+
+
+def attend_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cache: kv_cache.LayerCache,
+                      offset, *, scale: float, capture: Capture, record: bool, impl: AttentionImpl = "auto",
+                      window: Optional[int] = None, softcap: Optional[float] = None
+                      ) -> tuple[jax.Array, Dict[str, jax.Array]]:
+    """One layer's attention during generation: q, k, v (B, T, H*, H) at positions offset..,
+    written into ``cache`` (B, S, Hkv, H) first. Returns (out (B, T, Hq, H), records), the
+    records over all S cache slots and the updated cache under ``kv_cache.RECORD``.
+
+    An ``offset`` that is the Python int 0 (the prefill: nothing is cached before these
+    tokens) runs ``attend``, the model's own path: the streaming kernel, so no (T, S)
+    matrix unless the capture asks for attention or scores; its records are widened from
+    T to S keys (kv_cache.widen_records). Any other offset (a decode step; a traced 0
+    included) attends over the cache densely, one (T, S) row block (kv_cache.attend_cached).
+    """
+    cache = kv_cache.write(cache, k, v, offset)
+    options = dict(window=window, softcap=softcap)
+    if isinstance(offset, int) and offset == 0:
+        out, records = attend(q, k, v, mask, causal=True, scale=scale, capture=capture, record=record, impl=impl,
+                              **options)
+        records = kv_cache.widen_records(records, cache[0].shape[1])
+    else:
+        out, records = kv_cache.attend_cached(q, cache, offset, mask, scale=scale, capture=capture, record=record,
+                                              **options)
+    records[kv_cache.RECORD] = cache
     return out, records
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from attnjax.models.attention import AttentionImpl, attend
+from attnjax.models.attention import AttentionImpl, attend, attend_with_cache
 from attnjax.models import kv_cache
 from attnjax.models.common import (
     MATMUL_PRECISION,
@@ -135,10 +135,8 @@ class GPT2Attention(nn.Module):
                 capture=capture, record=record, impl=impl,
             )
         else:  # generation: positions offset.., keys and values from the cache (kv_cache.py)
-            cache = kv_cache.write(cache, k, v, offset)
-            out, records = kv_cache.attend_cached(q, cache, offset, mask, scale=c.attention_scale(self.layer),
-                                                  capture=capture, record=record)
-            records[kv_cache.RECORD] = cache
+            out, records = attend_with_cache(q, k, v, mask, cache, offset, scale=c.attention_scale(self.layer),
+                                             capture=capture, record=record, impl=impl)
         projected = Dense(c.n_embd, name="c_proj")(out.reshape(batch, seq_len, c.n_embd))  # (B, T, D)
         if record and capture.attention_output:
             records["attention_output"] = projected

@@ -13,15 +13,20 @@ Gemma 2, Qwen's windowed layers), exactly the masks transformers builds when it
 generates. Slots beyond the current position are never visible, so whatever they
 hold (zeros, or a padded prompt's keys that later steps overwrite) never matters.
 
-Attention over the cache is the dense reference computation (``kernels.reference``):
-scores scale * q.k, soft-capped, MASK_VALUE at invisible keys, softmax in float32,
-probabilities exactly 0 where invisible. For a decode step that is one (1, S) row per
-head, so the rows and their statistics cost O(S) per step.
+A decode step's attention over the cache is the dense reference computation
+(``kernels.reference``): scores scale * q.k, soft-capped, MASK_VALUE at invisible
+keys, softmax in float32, probabilities exactly 0 where invisible. That is one (1, S)
+row per head, so the rows and their statistics cost O(S) per step. The prefill sees
+only its own keys, so it runs the model's usual attention (models.attention.attend:
+the streaming kernel, O(T) memory for statistics) and ``widen_records`` lays its
+records over the S slots.
 """
 
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +53,25 @@ def write(cache: LayerCache, k: jax.Array, v: jax.Array, offset) -> LayerCache:
     start = (0, offset, 0, 0)
     return (lax.dynamic_update_slice(keys, k.astype(keys.dtype), start),
             lax.dynamic_update_slice(values, v.astype(values.dtype), start))
+
+
+def widen_records(records: Dict[str, jax.Array], size: int) -> Dict[str, jax.Array]:
+    """A prefill's records over its own T keys laid over all ``size`` cache slots, as a
+    decode step's are: attention (B, H, T, T) padded with 0 and scores with MASK_VALUE
+    to (B, H, T, S), the statistics' ``received`` (B, H, T) with 0 to (B, H, S); slots
+    past the prompt are invisible to it. q/k/v records are dropped (steps make none)."""
+    def keys_to(array, value):
+        return jnp.pad(array, [(0, 0)] * (array.ndim - 1) + [(0, size - array.shape[-1])], constant_values=value)
+
+    widened = {name: value for name, value in records.items() if name not in ("queries", "keys", "values")}
+    if "attention" in widened:
+        widened["attention"] = keys_to(widened["attention"], 0.0)  # (B, H, T, S)
+    if "scores" in widened:
+        widened["scores"] = keys_to(widened["scores"], MASK_VALUE)  # (B, H, T, S)
+    if "stats" in widened:
+        stats = widened["stats"]
+        widened["stats"] = dataclasses.replace(stats, received=keys_to(stats.received, 0.0))  # (B, H, S)
+    return widened
 
 
 def step_stats(scores: jax.Array, probs: jax.Array, query_pos: jax.Array, query_mask: jax.Array) -> AttentionStats:

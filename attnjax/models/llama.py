@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from attnjax.models import kv_cache
-from attnjax.models.attention import AttentionImpl, attend
+from attnjax.models.attention import AttentionImpl, attend, attend_with_cache
 from attnjax.models.common import (
     LLAMA_FAMILIES,
     MATMUL_PRECISION,
@@ -313,10 +313,8 @@ class LlamaAttention(nn.Module):
             out, records = attend(q, k, v, mask, causal=True, scale=c.attention_scale, capture=capture,
                                   record=record, impl=impl, **options)  # (B, T, Nq, H)
         else:  # generation: positions offset.., keys and values from the cache (kv_cache.py)
-            cache = kv_cache.write(cache, k, v, offset)
-            out, records = kv_cache.attend_cached(q, cache, offset, mask, scale=c.attention_scale, capture=capture,
-                                                  record=record, **options)  # (B, T, Nq, H)
-            records[kv_cache.RECORD] = cache
+            out, records = attend_with_cache(q, k, v, mask, cache, offset, scale=c.attention_scale, capture=capture,
+                                             record=record, impl=impl, **options)  # (B, T, Nq, H)
         out = out.astype(x.dtype).reshape(batch, seq_len, c.num_heads * c.head_dim)  # (B, T, Nq*H)
         return make_dense(c, c.hidden_size, c.o_bias, "o_proj")(out), records  # (B, T, D)
 
