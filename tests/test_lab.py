@@ -183,3 +183,41 @@ def test_probe_runs_the_trained_attention_or_softmax_when_exact():
         return attention.linear(q, k, v, mask=mask, causal=causal, scale=scale)[0]
 
     assert probe_impl(out_only) is None
+
+
+def test_lab_text_command_trains_a_character_model_end_to_end(tmp_path, capsys):
+    # `attnjax lab text FILE`: a character-level model of the file, saved with its
+    # character tokenizer, so `attnjax.load` reads text in that file's alphabet.
+    text = tmp_path / "poem.txt"
+    text.write_text("the cat sat on the mat. the dog sat on the log.\n" * 8, encoding="utf-8")
+    out = tmp_path / "text-model"
+    assert cli.main(["lab", "text", str(text), "--out", str(out), "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Trained 2 steps" in printed and f"attnjax report --model {out.resolve()}" in printed
+    model = attnjax.load(out)
+    alphabet = sorted(set(text.read_text()))
+    assert model.config.vocab_size == len(alphabet) + 1  # and <unk>
+    ids = attnjax.tokenize(model, "the cat").input_ids[0].tolist()[:7]
+    assert 0 not in ids and len(set(ids)) == len(set("the cat"))  # every character known, one id each
+    trace = attnjax.run(model, "the dog sat.", capture=attnjax.Capture(attention=True))
+    assert trace.attention.shape[:3] == (2, 1, 4)
+
+
+def test_grouped_kv_heads_train_save_and_match_transformers(tmp_path):
+    # GPTConfig(kv_heads=...) below heads: grouped-query attention in training (the
+    # attention check runs the grouped inputs too), and the saved Llama has
+    # num_key_value_heads, which transformers reads to the same logits.
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    config = lab.GPTConfig(layers=1, heads=4, kv_heads=2, width=32, vocab=16, context=32, mlp=False,
+                           family="llama")
+    result = lab.train(config, tasks.repeated_tokens(16, 24), steps=3, batch_size=8, lr=1e-2, progress=False)
+    directory = result.model.save(tmp_path / "grouped")
+    assert json.loads((directory / "config.json").read_text())["num_key_value_heads"] == 2
+    ids = tasks.repeated_tokens(16, 24).probe_batch(2, seed=5)
+    want = np.asarray(result.model.jit_forward(result.model.params, ids)[0].logits)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids).long()).logits.numpy()
+    np.testing.assert_allclose(theirs, want, atol=1e-5, rtol=1e-5)  # float32, summation order only
