@@ -111,6 +111,41 @@ def test_qk_embedding_spec(trace):
         viz.qk_embedding(trace, 2, 3, method="umap")
 
 
+def test_tsne_keeps_clusters_apart_and_is_reproducible():
+    # Three tight clusters far apart in 16-D: t-SNE must keep each point's nearest
+    # neighbours in its own cluster, and the same input and seed give the same picture.
+    from attnjax.viz import embedding
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (3, 16))
+    points = np.concatenate([c + rng.normal(0, 0.5, (30, 16)) for c in centres])       # (90, 16)
+    labels = np.repeat(np.arange(3), 30)
+    coords = embedding.tsne_2d(points, seed=1)                                          # (90, 2)
+    distances = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    neighbours = np.argsort(distances, axis=1)[:, :5]
+    assert np.all(labels[neighbours] == labels[:, None])
+    np.testing.assert_array_equal(embedding.tsne_2d(points, seed=1), coords)
+    # Each point's Gaussian bandwidth is bisected until its neighbour distribution has the
+    # asked perplexity: exp(entropy in nats) = 30; the joint P is symmetric and sums to 1.
+    squared = embedding._squared_distances(points)
+    rows = embedding._conditional_affinities(squared, 30.0)
+    assert np.all(np.diag(rows) == 0) and np.allclose(rows.sum(1), 1.0)
+    entropy = -np.sum(np.where(rows > 0, rows * np.log(np.where(rows > 0, rows, 1.0)), 0.0), axis=1)
+    np.testing.assert_allclose(np.exp(entropy), 30.0, rtol=1e-6)
+    joint = embedding._joint_affinities(squared, 30.0)
+    np.testing.assert_allclose(joint, joint.T)
+    assert joint.sum() == pytest.approx(1.0)
+
+
+def test_qk_embedding_with_tsne(trace):
+    spec = viz.qk_embedding(trace, 2, 3, method="tsne").to_dict(validate=True)
+    dots = layers_of(spec)[1]
+    assert dots["encoding"]["x"]["title"] == "t-SNE 1"
+    caption = " ".join(spec["title"]["subtitle"])
+    assert "t-SNE (perplexity" in caption and "Yeh et al. 2023" in caption
+
+
 def test_summary_counts_are_the_checkpoint_tensors(model):
     rows = summary(model)
     tensors = checkpoints.strip_prefix(checkpoints.read_tensors(checkpoints.bundled_path()), "bert")

@@ -3,8 +3,9 @@
 - ``head_view_frames``: the query -> key lines of BertViz's head view (Vig 2019);
 - ``attention_step_frames``: one query's attention, stage by stage, recomputed from the
   recorded q, k, v (Capture(qkv=True)) exactly as attnjax.kernels.reference does;
-- ``qk_embedding_frames``: queries and keys of a head in one 2-D embedding with
-  AttentionViz's key translation and norm scaling (Yeh et al. 2023).
+- ``qk_embedding_frames``: queries and keys of a head in one 2-D embedding (PCA or
+  t-SNE, attnjax.viz.embedding) after AttentionViz's key translation and norm scaling
+  (Yeh et al. 2023).
 
 Positions are 0-based token positions; padding is left out.
 """
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from attnjax.trace import Trace
+from attnjax.viz.embedding import pca_2d, tsne_2d, tsne_perplexity
 from attnjax.viz.frames import sequence_tokens, truncate
 
 # The head view draws every query -> key line up to this many tokens; above it only
@@ -28,7 +30,7 @@ HEAD_VIEW_MAX_LINES = 120_000
 # The step-by-step view shows at most this many keys (the highest weights) in its vector
 # panels; every number is still computed over all the keys.
 STEPS_MAX_KEYS = 48
-EMBEDDING_METHODS = ("pca",)
+EMBEDDING_METHODS = ("pca", "tsne")  # viz.embedding: pca_2d, tsne_2d
 VISIBLE_SPACE = "\u2423"  # labels show a decoder token's spaces (" the" -> "\u2423the")
 
 
@@ -223,17 +225,6 @@ def attentionviz_normalise(q: np.ndarray, k: np.ndarray) -> Tuple[np.ndarray, np
     return q * c, k_t / c, c
 
 
-def _pca_2d(points: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(N, 2) coordinates on the first two principal axes, and their variance shares."""
-    centred = points - points.mean(axis=0, keepdims=True)
-    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
-    coords = centred @ axes[:2].T                                                      # (N, 2)
-    if coords.shape[1] < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
-    share = singular ** 2 / max(float((singular ** 2).sum()), 1e-30)
-    return coords, np.pad(share[:2], (0, max(0, 2 - len(share[:2]))))
-
-
 def qk_embedding_frames(trace: Trace, layer: int, heads: Sequence[int], *, sequence: int = 0,
                         method: str = "pca") -> Tuple[pd.DataFrame, pd.DataFrame, Dict]:
     """(points, pairs, info) of the query/key map of each head in ``heads``.
@@ -257,8 +248,11 @@ def qk_embedding_frames(trace: Trace, layer: int, heads: Sequence[int], *, seque
         head = check_head(head, trace.queries.shape[2], what)
         q, k, _, _ = _head_vectors(trace, index, sequence, head, positions)
         q_n, k_n, _ = attentionviz_normalise(q, k)
-        coords, share = _pca_2d(np.concatenate([q_n, k_n]))                           # (2n, 2)
-        shares[head] = share
+        joint = np.concatenate([q_n, k_n])                                            # (2n, D)
+        if method == "pca":
+            coords, shares[head] = pca_2d(joint)                                      # (2n, 2)
+        else:
+            coords = tsne_2d(joint, seed=head)                                        # (2n, 2)
         n = len(positions)
         point_frames.append(pd.DataFrame({
             "head": head, "kind": ["query"] * n + ["key"] * n, "position": np.tile(positions, 2),
@@ -274,6 +268,7 @@ def qk_embedding_frames(trace: Trace, layer: int, heads: Sequence[int], *, seque
             rows.append((head, int(query), int(positions[j]), float(weights[j]),
                          coords[i, 0], coords[i, 1], coords[n + j, 0], coords[n + j, 1]))
         pair_frames.append(pd.DataFrame(rows, columns=["head", "query", "key", "weight", "x", "y", "x2", "y2"]))
-    info = {"layer": int(layer), "method": method, "variance": shares, "tokens": len(positions)}
+    info = {"layer": int(layer), "method": method, "variance": shares, "tokens": len(positions),
+            "perplexity": tsne_perplexity(2 * len(positions)) if method == "tsne" else None}
     return pd.concat(point_frames, ignore_index=True), pd.concat(pair_frames, ignore_index=True), info
 

@@ -22,7 +22,7 @@ from attnjax.viz.inside_frames import check_head, qk_embedding_frames, require_q
 
 SIZE = 420
 KIND_COLOURS = alt.Scale(domain=["query", "key"], range=["#e45756", "#4c78a8"])
-METHOD_NAMES = {"pca": "PCA"}
+METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 LABEL_ALL_TOKENS = 24   # up to this many tokens every point is labelled; above, the hovered one
 
 
@@ -33,7 +33,9 @@ def qk_embedding(trace: Trace, layer: int, head: Optional[int] = None, *, sequen
     head None: every head of the layer, one embedding each, with a head dropdown
     (``qk_head`` parameter). Points are coloured query / key, tokens on hover; a line
     joins each query to the key it attends to most. ``method``: "pca" (joint PCA of the
-    normalised queries and keys).
+    normalised queries and keys: linear, so distances keep their meaning) or "tsne"
+    (t-SNE, van der Maaten & Hinton 2008, as AttentionViz also offers: neighbourhoods
+    kept, distances between groups not; about a second per head at 256 tokens).
     """
     require_qkv(trace, "qk_embedding")
     heads_total = int(trace.queries.shape[2])
@@ -78,13 +80,18 @@ def qk_embedding(trace: Trace, layer: int, head: Optional[int] = None, *, sequen
         .mark_text(dx=6, align="left", fontSize=9)
         .encode(x=x, y=y, text="label:N", color=alt.Color("kind:N", scale=KIND_COLOURS, title=None))
     )
-    shares = ", ".join(f"{100 * float(np.sum(info['variance'][h])):.0f}%" for h in heads[:1])
+    if method == "pca":
+        shares = ", ".join(f"{100 * float(np.sum(info['variance'][h])):.0f}%" for h in heads[:1])
+        method_note = f"Axes 1-2 hold {shares} of the variance" + (" (first head)." if len(heads) > 1 else ".")
+    else:
+        method_note = (f"t-SNE (perplexity {info['perplexity']:.0f}) keeps each point's neighbours near it; "
+                       "distances between groups and the axes mean nothing.")
     caption = [
         f"{METHOD_NAMES[method]} of queries and keys together, after AttentionViz's normalisation (Yeh et al. 2023): "
         "keys translated so their mean equals the queries' mean,",
         "then queries \u00d7 c and keys \u00f7 c with c = sqrt(mean|k| / mean|q|), so nearby means a high dot "
-        f"product. Lines: each query's most attended key. Axes 1-2 hold {shares} of the variance"
-        + (" (first head)." if len(heads) > 1 else "."),
+        "product. Lines: each query's most attended key.",
+        method_note,
     ]
     heading = f"Queries and keys, layer {info['layer']}" + ("" if head is None else f" head {head}")
     return (
