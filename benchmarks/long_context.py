@@ -29,9 +29,10 @@ with SmolLM-135M's shapes (hidden 576, 9 query heads, 3 kv heads, head_dim 64,
 intermediate 1536, vocabulary 49152, tied head; --layers of them, 4 by default,
 max_position_embeddings raised to 32768), written in Hugging Face layout
 (config.json + model.safetensors, built with numpy, no torch) and loaded with
-``attnjax.load``. Each T runs ``Capture(stats=True, pool=64)`` and the plain forward
-(``Capture()``), both with ``logits="none"``, in fresh subprocesses: peak RSS and
-time of each, with one dense (heads, T, T) float32 attention matrix per layer
+``attnjax.load``. Each T runs ``Capture(stats=True, pool=64)``, the plain forward
+(``Capture()``), and ``scores``: ``Capture(stats=True, qkv=True)`` then
+``analysis.head_scores`` (every column, induction and duplicate recomputed from q, k
+and lse), all with ``logits="none"``, in fresh subprocesses: peak RSS and time of each, with one dense (heads, T, T) float32 attention matrix per layer
 beside them for contrast.
 
     python benchmarks/long_context.py --decoder --lengths 4096 16384 32768
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("forward", "stats", "stats+pool", "reference")
+MODES = ("forward", "stats", "stats+pool", "reference", "scores")
 MIB = 2 ** 20
 
 
@@ -174,21 +175,26 @@ def decoder_child(args) -> dict:
     import numpy as np
 
     import attnjax
-    from attnjax import Capture
+    from attnjax import Capture, analysis
 
     model = attnjax.load(args.model_dir)
     ids = np.random.default_rng(1).integers(1, model.config.vocab_size, (1, args.length), dtype=np.int32)
     mask = np.ones_like(ids, dtype=bool)
-    capture = Capture(stats=True, pool=args.pool) if args.mode == "stats" else Capture()
+    capture = {"stats": Capture(stats=True, pool=args.pool),
+               "scores": Capture(stats=True, qkv=True)}.get(args.mode, Capture())
+
+    def work():  # "scores": the forward, then every head score, induction included (from q, k, lse)
+        output, trace = model.jit_forward(model.params, ids, mask, capture=capture, logits="none")
+        jax.block_until_ready((output, trace))
+        return trace, (analysis.head_scores(trace) if args.mode == "scores" else None)
+
     jax.block_until_ready(model.params)
     baseline_mib = _rss_peak_mib()
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    output, trace = model.jit_forward(model.params, ids, mask, capture=capture, logits="none")
-    jax.block_until_ready((output, trace))
+    work()
     first_wall = time.perf_counter() - wall0
     cpu1, wall1 = _cpu_seconds(), time.perf_counter()
-    output, trace = model.jit_forward(model.params, ids, mask, capture=capture, logits="none")
-    jax.block_until_ready((output, trace))
+    trace, scores = work()
     result = dict(peak_rss_mib=_rss_peak_mib(), baseline_rss_mib=baseline_mib,
                   first_wall_s=first_wall, first_cpu_s=cpu1 - cpu0,
                   wall_s=time.perf_counter() - wall1, cpu_s=_cpu_seconds() - cpu1)
@@ -196,6 +202,9 @@ def decoder_child(args) -> dict:
         entropy = np.asarray(trace.stats.entropy)  # (L, B, H, T)
         result["finite"] = bool(np.isfinite(entropy).all())
         result["pooled_shape"] = list(trace.stats.pooled.shape)
+    if args.mode == "scores":
+        result["induction_max"] = float(scores["induction"].max())
+        result["finite"] = bool(np.isfinite(scores[["induction", "duplicate", "entropy"]].to_numpy()).all())
     return result
 
 
@@ -219,7 +228,7 @@ def run_decoder(args, root) -> None:
     for length in args.lengths:
         dense_mib = heads * length * length * 4 / MIB
         results = {}
-        for mode in ("forward", "stats"):
+        for mode in ("forward", "stats", "scores"):
             try:
                 results[mode] = _run(args, root, "decoder", "--length", str(length), "--mode", mode,
                                      "--model-dir", directory)
@@ -228,7 +237,7 @@ def run_decoder(args, root) -> None:
                 continue
             result = results[mode]
             ratio = (f"{result['cpu_s'] / results['forward']['cpu_s']:.2f}"
-                     if mode == "stats" and "forward" in results else "-")
+                     if mode != "forward" and "forward" in results else "-")
             print(f"| {length} | {mode} | {result['wall_s']:.1f} | {result['cpu_s']:.1f} | {ratio} "
                   f"| {result['first_wall_s']:.1f} | {result['peak_rss_mib']:.0f} "
                   f"| {result['baseline_rss_mib']:.0f} | {dense_mib:.0f} |", flush=True)

@@ -70,7 +70,10 @@ max_weight, self, previous_token, first_token and mean_distance come from the pe
 statistics, and cls / sep / punctuation from ``received`` (column sums over non-padding
 queries: the mean mass on a key set is the sum of its received mass over the number of
 queries); concentrated and jump use max_prob (the top weight only) and argmax;
-next_token, induction and duplicate need the maps and are NaN.
+next_token, induction and duplicate need the maps, or the recorded queries and keys:
+with Capture(stats=True, qkv=True) they are recomputed tile by tile from q, k and the
+statistics' lse (analysis._qk_terms: O(T) memory, no T x T matrix); with stats alone
+they are NaN.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ from attnjax.analysis._common import (
     trace_windows,
     validate_attention,
 )
+from attnjax.analysis._qk_terms import qk_match_terms
 from attnjax.analysis._terms import (
     CONCENTRATED_MASS,
     DECISIVE,
@@ -371,7 +375,17 @@ def trace_terms(trace: Trace, classes: np.ndarray) -> Dict[str, jax.Array]:
         )
         validate_attention(trace, terms)
         return terms
-    return stats_terms(trace.stats, trace.mask, jnp.asarray(classes), causal=trace.causal, windows=windows)
+    terms = stats_terms(trace.stats, trace.mask, jnp.asarray(classes), causal=trace.causal, windows=windows)
+    if has_qk(trace):  # Capture(stats=True, qkv=True): the map-only scores, tile by tile
+        terms.update(qk_match_terms(trace, windows))
+    return terms
+
+
+def has_qk(trace: Trace) -> bool:
+    """Whether a stats-only Trace also holds the queries and keys of every recorded layer, so
+    next_token, duplicate and induction can be recomputed without the maps (analysis._qk_terms)."""
+    return (trace.stats is not None and trace.queries is not None and trace.keys is not None
+            and trace.queries.shape[0] == trace.stats.lse.shape[0])
 
 
 @jax.jit
