@@ -45,6 +45,10 @@ def add_parser(commands, dtypes) -> None:
     profile.add_argument("--checkpoint", type=Path, help="where partial sums are saved (default: beside the "
                                                          "first output or the corpus, NAME.checkpoint.npz)")
     profile.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
+    profile.add_argument("--induction", action=argparse.BooleanOptionalAction, default=True,
+                         help="also the next_token, duplicate and induction scores, recomputed tile by tile from "
+                              "the recorded queries and keys (O(T) memory at any length; --no-induction is about "
+                              "20%% faster and leaves them NaN)")
     profile.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                          help="progress bar with texts/s, tokens/s and (when the size is known) an ETA")
     profile.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -93,7 +97,7 @@ def run_profile(args) -> int:
     try:
         frame = attnjax.profile(model, read_corpus(args.corpus, format, args.column), batch_size=args.batch_size,
                                 max_length=args.max_length, progress=args.progress, checkpoint=checkpoint,
-                                total=total)
+                                total=total, capture=attnjax.Capture(stats=True, qkv=args.induction))
     except ValueError as error:
         if "No usable text" in str(error):
             raise InputError(f"{args.corpus}: none of its {unit}s could be used ({error}).") from None

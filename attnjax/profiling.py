@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from attnjax.analysis._common import CLS_TOKENS, PUNCTUATION_TOKENS, SEP_TOKENS
+from attnjax.analysis._qk_terms import qk_match_terms
 from attnjax.analysis._terms import anomaly_sums, attention_score_terms, layer_windows
 from attnjax.analysis.scores import (_ELIGIBLE, ANOMALY_SUMS, LONG_COUNTS, NEEDS_MAPS, SCORE_COLUMNS,
                                      anomaly_parameters, query_weights, scores_frame, sequence_chance_sums,
@@ -73,9 +74,11 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
     mesh: a jax.sharding.Mesh with a "data" axis (and optionally "model": params not
     already on the mesh are then split Megatron-style, see attnjax.parallel).
     capture: None records streaming statistics only (O(T) memory; next_token,
-    induction and duplicate are NaN). Capture(attention=True) builds full maps for
-    buckets up to ``maps_max_length`` tokens; if any text is longer, the map-only
-    columns are NaN and ``attrs["nan_columns"]`` says so. ``capture.layers`` is honoured.
+    induction and duplicate are NaN, and ``attrs["nan_columns"]`` says why).
+    Capture(stats=True, qkv=True) adds those three at any length, recomputed tile by
+    tile from the recorded queries and keys (analysis._qk_terms; still O(T) memory).
+    Capture(attention=True) builds full maps for buckets up to ``maps_max_length``
+    tokens and uses the queries and keys for longer ones. ``capture.layers`` is honoured.
     progress: a tqdm bar with texts/s and tokens/s (ETA when ``total`` or len(texts) is known).
     checkpoint: a .npz path: partial sums are saved there every ``checkpoint_every``
     batches (atomically) and at the end; a rerun with the same model, settings and texts
@@ -137,8 +140,9 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
                 done = item
                 break
             maps = capture.needs_matrix and item.input_ids.shape[1] <= maps_max_length
+            # Over the map budget, q and k give the map-only scores instead (analysis._qk_terms).
             step_capture = Capture(attention=True, layers=capture.layers) if maps else \
-                Capture(stats=True, layers=capture.layers)
+                Capture(stats=True, qkv=capture.needs_matrix or capture.qkv, layers=capture.layers)
             arrays = put_batch({"input_ids": item.input_ids, "mask": item.attention_mask,
                                 "token_type_ids": item.token_type_ids, "classes": item.classes}, mesh)
             result = corpus_step(params, arrays["input_ids"], arrays["mask"], arrays["token_type_ids"],
@@ -161,7 +165,7 @@ def profile(model, texts, *, batch_size: int = 32, max_length: Optional[int] = N
         bar.close()
     if path is not None:
         save_checkpoint(path, accumulator, done.position, fingerprint)
-    return _frame(accumulator, classes, layers, windows, capture, maps_max_length, thresholds, parameters)
+    return _frame(accumulator, classes, layers, windows, capture, thresholds, parameters)
 
 
 def skipped_texts(frame: pd.DataFrame) -> pd.DataFrame:
@@ -195,6 +199,8 @@ def _step(params, input_ids, mask, token_type_ids, classes, *, forward, capture,
         terms = attention_score_terms(trace.attention, mask, input_ids, classes, causal=causal, windows=windows)
     else:
         terms = stats_terms(trace.stats, mask, classes, causal=causal, windows=windows)
+        if capture.qkv:  # next_token, duplicate, induction from q, k and lse, tile by tile
+            terms.update(qk_match_terms(trace, windows))
     weights = query_weights(mask, input_ids, causal=causal, windows=windows)  # (L, B, T) each
     out = {name: jnp.einsum("LBHQ,LBQ->BLH", terms[name], weights[_ELIGIBLE[name]],
                             precision=jax.lax.Precision.HIGHEST)  # (B, L, H)
@@ -280,7 +286,7 @@ def _too_short(counts, layers, windows, parameters) -> dict:
     return out
 
 
-def _frame(accumulator, classes, layers, windows, capture, maps_max_length, thresholds, parameters) -> pd.DataFrame:
+def _frame(accumulator, classes, layers, windows, capture, thresholds, parameters) -> pd.DataFrame:
     totals = accumulator.reduced(allgather_sum)
     skipped = allgather_ints(np.asarray(accumulator.skipped, np.int64).reshape(-1)).reshape(-1, 2)
     first_ids = np.unique(allgather_ints(np.asarray(sorted(accumulator.first_ids), np.int64)))
@@ -291,11 +297,9 @@ def _frame(accumulator, classes, layers, windows, capture, maps_max_length, thre
     sums = dict(totals.sums)
     nan_columns = {}
     maps_texts, stats_texts = int(totals.scalars["maps_texts"]), int(totals.scalars["stats_texts"])
-    if not capture.needs_matrix:
-        nan_columns = {name: "needs full attention maps; pass capture=Capture(attention=True)" for name in NEEDS_MAPS}
-    elif stats_texts:
-        nan_columns = {name: f"needs full attention maps, which are built only for texts up to {maps_max_length} "
-                             f"tokens; {stats_texts} texts were longer" for name in NEEDS_MAPS}
+    if not (capture.needs_matrix or capture.qkv):
+        nan_columns = {name: "needs the attention maps or the queries and keys; pass "
+                             "capture=Capture(stats=True, qkv=True) (any length, O(T) memory)" for name in NEEDS_MAPS}
     for name in nan_columns:
         sums.pop(name, None)
     nan_columns.update(_too_short(totals.counts, layers, windows, dict(parameters)))

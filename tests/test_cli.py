@@ -92,6 +92,14 @@ def test_profile(capsys, tmp_path):
     assert status == 0, err
     assert "2 paragraphs" in out and "Focus by layer" in out and "Head categories" in out
     assert (tmp_path / "heads.csv").read_text().startswith("layer,head,")
+    import pandas as pd
+
+    # induction and duplicate come from the recorded queries and keys unless --no-induction
+    heads = pd.read_csv(tmp_path / "heads.csv")
+    assert heads["duplicate"].notna().all() and heads["next_token"].notna().all()
+    status, _, err = run_main(capsys, "profile", str(corpus), "--csv", str(tmp_path / "fast.csv"), "--no-induction")
+    assert status == 0, err
+    assert pd.read_csv(tmp_path / "fast.csv")["duplicate"].isna().all()
     status, _, err = run_main(capsys, "profile", str(tmp_path / "missing.txt"))
     assert status == 2
     assert_one_line_error(err, "no such file")

@@ -121,10 +121,25 @@ def test_attention_capture_adds_the_map_scores_for_short_buckets(model):
     np.testing.assert_allclose(frame[columns].to_numpy(), expected[columns].to_numpy(), rtol=RTOL, atol=ATOL)
     assert frame["induction"].notna().any() and frame.attrs["nan_columns"] == {}
     assert (frame["source"] == "attention").all()
-    # Over the map budget the buckets fall back to statistics: map scores NaN, and said.
+    # Over the map budget the buckets record statistics with the queries and keys, and the
+    # map scores are recomputed from them (analysis._qk_terms): the same numbers.
     long = attnjax.profile(model, CORPUS, batch_size=4, progress=False, capture=Capture(attention=True),
                            maps_max_length=8)
-    assert long["induction"].isna().all() and "longer" in long.attrs["nan_columns"]["induction"]
+    np.testing.assert_allclose(long[columns].to_numpy(), expected[columns].to_numpy(), rtol=RTOL, atol=ATOL)
+    assert long.attrs["nan_columns"] == {} and long.attrs["sources"]["stats"] > 0
+
+
+def test_stats_with_queries_and_keys_give_the_map_scores_at_any_length(model):
+    # Capture(stats=True, qkv=True): no T x T map at any length, and next_token, induction
+    # and duplicate equal head_scores over the same texts' Traces (which recompute them
+    # the same way, and equal the maps' within float32: tests/test_qk_scores.py).
+    capture = Capture(stats=True, qkv=True)
+    frame = attnjax.profile(model, iter(CORPUS), batch_size=4, progress=False, capture=capture)
+    expected = analysis.head_scores(traces(model, capture))
+    columns = list(SCORE_COLUMNS)
+    np.testing.assert_allclose(frame[columns].to_numpy(), expected[columns].to_numpy(), rtol=RTOL, atol=ATOL)
+    assert frame["induction"].notna().any() and frame.attrs["nan_columns"] == {}
+    assert (frame["source"] == "stats").all()
 
 
 def test_resume_after_a_kill_gives_the_same_frame(model, profiled, tmp_path):
