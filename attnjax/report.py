@@ -271,8 +271,9 @@ def _capture(model, n_tokens: int) -> Tuple[Capture, str]:
 
 def _analyse(model, model_b, text, pair, compare_text, max_length, token, n_tokens, stages: Stages) -> Results:
     capture, mode = _capture(model, n_tokens)
-    if capture.needs_matrix:  # the inside-a-head views (attnjax.report_inside) read q, k, v: O(T) per layer
-        capture = dataclasses.replace(capture, qkv=True)
+    # q, k, v (O(T) per layer): the inside-a-head views read them, and without maps head_scores
+    # recomputes next_token, duplicate and induction from them (analysis._qk_terms).
+    capture = dataclasses.replace(capture, qkv=True)
     decoder = is_decoder(model.family)
     with stages.stage("run model"):
         # A decoder's next-token chart needs the last position's logits only: never (T, V).

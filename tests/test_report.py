@@ -7,6 +7,7 @@ long-input paths, with the budgets shrunk so that its short inputs take them.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -131,6 +132,12 @@ def test_very_long_input_keeps_statistics_only(gpt2, monkeypatch):
     page = attnjax.viz.to_html(report)
     assert "token flow needs them" in page and len(chart_specs(page)) == 7  # no flow chart; structure only
     assert "Left out: the input is too long for full attention maps" in page
+    # Without maps the taxonomy still has the map-only scores, from the recorded q and k:
+    # the taxonomy chart's rows carry a duplicate score for some head.
+    rows = [row for chart in chart_specs(page) for data in json.loads(chart)["spec"].get("datasets", {}).values()
+            for row in (json.loads(data) if isinstance(data, str) else data)
+            if isinstance(row, dict) and "category" in row and "duplicate" in row]
+    assert rows and any(row["duplicate"] is not None for row in rows)
 
 
 def test_comparison_with_a_second_model(gpt2, tmp_path):
