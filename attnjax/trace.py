@@ -68,7 +68,9 @@ class Capture:
     pool:             with ``stats``, also the P x P pooled attention map.
     qkv:              each recorded layer's queries, keys and values (per head, as the
                       scores read them: decoders after RoPE), for step-by-step views
-                      and query/key maps. O(T) memory per layer, no T x T matrix.
+                      and query/key maps; with ``stats``, head_scores also recomputes
+                      next_token, duplicate and induction from them. O(T) memory per
+                      layer, no T x T matrix.
     layers:           which layers to record (0-based); None records every layer.
                       Kept sorted and without repeats, so the L axis of every recorded
                       array runs in model order: Capture(layers=(3, 1)).layers == (1, 3).

@@ -169,7 +169,9 @@ def head_scores(
     """One row per (layer, head) of attention scores averaged over queries.
 
     trace: a Trace, or a list of Traces from one model (a corpus); full attention
-    (L, B, H, T, T) is used when present, else the streaming AttentionStats.
+    (L, B, H, T, T) is used when present, else the streaming AttentionStats (plus, when
+    the Trace holds queries and keys, next_token, duplicate and induction recomputed
+    from them: Capture(stats=True, qkv=True)).
 
     Columns:
       layer (int, model layer index), head (int), n_queries (int: non-padding queries
