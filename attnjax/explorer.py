@@ -32,9 +32,9 @@ from attnjax.api import run
 from attnjax.tokenize import tokenize
 from attnjax.trace import Capture
 from attnjax.viz.attention import attention_heatmap
-from attnjax.viz.overview import opened_at, overview_spec
 from attnjax.viz.common import SCALES, check_scale, check_scheme
 from attnjax.viz.frames import HEATMAP_MAX_TOKENS, OVERVIEW_MAX_WEIGHTS, attention_frame, sequence_tokens
+from attnjax.viz.overview import opened_at, overview_spec
 
 DEFAULT_TEXT = "The cat sat on the mat. Then the cat saw a dog."
 WIDGETS_MISSING = ("attnjax.explore needs ipywidgets for its text box and selectors (Jupyter and Colab "

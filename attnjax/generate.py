@@ -28,8 +28,8 @@ lengths in one bucket reuse one compiled prefill and step. The prefill runs the
 model's own attention on the prompt (the streaming kernel: no (prompt, prompt) matrix
 unless Capture(attention=True) or scores are asked for), so a long prompt costs O(P)
 attention memory with Capture(stats=True) or no capture; each decode step attends
-over the cache densely, one (heads, 1, cache) row per layer. top_p keeps every token tied with the last one kept (transformers cuts ties by
-sort order).
+over the cache densely, one (heads, 1, cache) row per layer. top_p keeps every token
+tied with the last one kept (transformers cuts ties by sort order).
 
 The trace: row i of every recorded array is query position i. Prompt rows come from
 the prefill; row i of a generated position comes from the decode step that read token
