@@ -70,12 +70,13 @@ def test_every_chart_draws_offline(chromium, trace, tmp_path):
     assert not failures, f"charts that did not draw (name, drawn, errors, svg, canvas): {failures}"
 
 
-def test_the_first_key_keeps_its_label(chromium, tmp_path):
-    # Key labels are tilted, so the first one starts left of the axis; with Vega's plain
-    # labelBound it was hidden once cells are narrow (here 38 tokens: 12 px), and [CLS]
-    # (often the most attended key) went unnamed on the key axis of the heatmap and the
-    # overview's large view. It must be on both axes, drawn (Vega hides with opacity 0).
-    frame = viz.attention_frame(attnjax.run(attnjax.load("minilm"), "The cat sat on the mat. " * 6))
+def test_the_first_token_keeps_its_labels(chromium, tmp_path):
+    # With Vega's plain labelBound the first token's labels were hidden once cells are
+    # narrow (here 114 tokens: 3-4 px): the tilted key label starts left of the axis and
+    # the 9 px query label is taller than its cell, so [CLS] (often the most attended key)
+    # went unnamed on the heatmap and the overview's large view. It must be drawn on both
+    # axes (Vega hides a label with opacity 0).
+    frame = viz.attention_frame(attnjax.run(attnjax.load("minilm"), "The cat sat on the mat. " * 16))
     for name, chart in (("heatmap", viz.attention_heatmap(frame, layer=0, head=0)),
                         ("overview", viz.model_overview(frame))):
         path = tmp_path / f"{name}.html"

@@ -15,6 +15,7 @@ import pandas as pd
 
 from attnjax.viz.common import (
     KEY_LABEL_BOUND,
+    QUERY_LABEL_BOUND,
     ZOOM_HINT,
     check_scale,
     colour_calculation,
@@ -64,7 +65,7 @@ def zoom_axes(n_q: int, n_k: int, q_labels: str, k_labels: str, fields=("query_i
                             labelBound=KEY_LABEL_BOUND, **axis))
     y = alt.Y(f"{q_field}_y0:Q", title="query",
               scale=alt.Scale(domain=[-0.5, n_q - 0.5], nice=False, zero=False, reverse=True),
-              axis=alt.Axis(labelExpr=label_expr(q_labels), tickCount=n_q, labelBound=True, **axis))
+              axis=alt.Axis(labelExpr=label_expr(q_labels), tickCount=n_q, labelBound=QUERY_LABEL_BOUND, **axis))
     calculations = {f"{k_field}_x0": f"datum.{k_field} - 0.5", f"{k_field}_x1": f"datum.{k_field} + 0.5",
                     f"{q_field}_y0": f"datum.{q_field} - 0.5", f"{q_field}_y1": f"datum.{q_field} + 0.5"}
     return dict(x=x, x2=f"{k_field}_x1:Q", y=y, y2=f"{q_field}_y1:Q"), calculations

@@ -21,11 +21,13 @@ CANVAS_ABOVE_MARKS = 4096  # charts with more marks than this render on a canvas
 # of the uniform distribution over its visible keys (uniform_deviation): at most 10 % of
 # any row's attention is placed differently from spreading it evenly.
 NEAR_UNIFORM_TV = 0.1
-# Pixels a key-axis label (drawn at -60 degrees) may reach past the axis ends before Vega
-# hides it. With labelBound=True the first key's label ([CLS], often the most attended
-# key) was always hidden: tilted, it starts left of the axis. A 12-character label
-# (frames.LABEL_CHARS) at 9 px reaches about 30 px out.
+# Pixels an axis label may reach past the axis ends before Vega hides it. With
+# labelBound=True the first token's label ([CLS], often the most attended key) was
+# hidden once cells were narrow: tilted at -60 degrees a key label starts left of the
+# axis (a 12-character label, frames.LABEL_CHARS, at 9 px reaches about 30 px out), and
+# a 9 px query label is taller than a 3 px cell.
 KEY_LABEL_BOUND = 40
+QUERY_LABEL_BOUND = 8
 ZOOM_HINT = "scroll to zoom, drag to pan, double-click to reset; hover a cell for its tokens"
 
 
