@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh            # from anywhere; uses python3 (or $PYTHON)
 #
 # Needs a Python with jax (CUDA plugin), flax and pytest; nothing is installed and no
-# network is used. altair/vl-convert are not needed (only kernel tests run).
+# network is used. altair/vl-convert are not needed; step 4 also reads pandas,
+# safetensors and tokenizers, which the GPU image has.
 # Steps, each under its own time limit; a failing step is reported and the next runs:
 #   0. environment: python, jax, devices;
 #   1. what attention(impl="auto") picks here (Pallas or the blockwise fallback) and why;
@@ -13,11 +14,16 @@
 #      plus model-sized cases);
 #   3. benchmarks/kernels.py: forward TFLOP/s, bf16, head_dim 64/128, causal and not,
 #      T = 1k, 4k, 16k, GQA and sliding-window rows; attnjax Pallas with and without
-#      statistics beside jax.nn.dot_product_attention (cudnn, xla).
-# Worst case (every step at its limit) about 7.7 minutes.
+#      statistics beside jax.nn.dot_product_attention (cudnn, xla);
+#   4. benchmarks/gpu_model_check.py: a 2-layer SmolLM-shaped decoder at 4k tokens with
+#      Capture(stats=True, qkv=True) through "auto" (Pallas) and "blockwise", statistics
+#      and every head score compared (induction from q, k and lse), and generate after a
+#      2040-token prompt (the prefill on the model's kernel).
+# Worst case (every step at its limit) about 9.2 minutes.
 # Logs (full pytest tracebacks as JUnit XML, every step's output) go to
 # $OUT/gpu_check/ when $OUT is set, else /tmp/gpu_check/.
-# Limits (seconds) can be changed with GPU_CHECK_AUTO_S, GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S.
+# Limits (seconds) can be changed with GPU_CHECK_AUTO_S, GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S,
+# GPU_CHECK_MODEL_S.
 
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +37,7 @@ mkdir -p "$LOGS"
 AUTO_S="${GPU_CHECK_AUTO_S:-100}"
 TESTS_S="${GPU_CHECK_TESTS_S:-170}"
 BENCH_S="${GPU_CHECK_BENCH_S:-160}"
+MODEL_S="${GPU_CHECK_MODEL_S:-90}"
 SCRIPT_START=$(date +%s)
 SUMMARY=()
 
@@ -92,6 +99,9 @@ HIDE='^$'
 # kernels); rows print as they finish, and --budget-s stops starting new ones in time.
 run_step "forward throughput" "$BENCH_S" "$PY" benchmarks/kernels.py \
     --lengths 1024 4096 16384 --iters 5 --repeats 3 --no-jax-mha --budget-s $(( BENCH_S - 40 ))
+
+# A whole model: Pallas inside the decoder, the map-only scores from q and k, generation.
+run_step "model check" "$MODEL_S" "$PY" benchmarks/gpu_model_check.py --length 4096 --prompt 2040 --layers 2
 
 echo
 echo "=== summary ($(( $(date +%s) - SCRIPT_START )) s in all; logs in ${LOGS})"
