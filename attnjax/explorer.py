@@ -11,17 +11,19 @@ the same object works without a notebook::
     explorer.set_head(3)
     explorer.heatmap()                        # an Altair chart
 
-A new text reuses attnjax.run's length buckets (16, 32, 64, 128, ... tokens), so
-after the first text of a bucket nothing is compiled again; benchmarks/interactive.py
-times the action -> updated view path. Bad input (an empty text, too many tokens,
+A new text reuses attnjax.run's length buckets (16, 32, 64, 128, 256 tokens), and the
+explorer compiles every bucket on a background thread as it opens (``warm_up``), so
+no text waits for a compilation; benchmarks/interactive.py times the action ->
+updated view path. Bad input (an empty text, too many tokens,
 a layer out of range) leaves the last view in place and shows a one-line message
 in the widget (``Explorer.message``) instead of a traceback.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import altair as alt
 import numpy as np
@@ -29,7 +31,7 @@ import pandas as pd
 
 from attnjax.analysis import classify_heads, head_scores
 from attnjax.api import run
-from attnjax.tokenize import tokenize
+from attnjax.tokenize import bucket_length, tokenize
 from attnjax.trace import Capture
 from attnjax.viz.attention import attention_heatmap
 from attnjax.viz.common import SCALES, check_scale, check_scheme
@@ -63,7 +65,7 @@ class Explorer:
     """
 
     def __init__(self, model, text: str = DEFAULT_TEXT, *, layer: int = 0, head: int = 0,
-                 scheme: str = "viridis", scale: str = "linear", overview: bool = True):
+                 scheme: str = "viridis", scale: str = "linear", overview: bool = True, warm: bool = True):
         self.model = model
         self.scheme = check_scheme(scheme)
         self.scale = check_scale(scale)
@@ -81,6 +83,45 @@ class Explorer:
             raise ValueError(f"explore(text=...): {self.message}")
         if not (self.set_layer(layer) and self.set_head(head)):
             raise ValueError(f"explore(layer={layer}, head={head}): {self.message}")
+        self.warming: Optional[threading.Thread] = None
+        if warm:  # compile the other length buckets while the user reads the first view
+            self.warming = threading.Thread(target=self.warm_up, name="attnjax-explore-warm-up", daemon=True)
+            self.warming.start()
+
+    def warm_up(self) -> List[int]:
+        """Compile the forward and the analyses for every length bucket a text can fall in
+        (16, 32, ... up to HEATMAP_MAX_TOKENS tokens), so that the first text of a new
+        length redraws as fast as the rest instead of compiling for 1-2 s. ``explore``
+        runs this on a background thread (``warm=False`` turns that off); the compiled
+        programs are JAX's, shared with every later call. Returns the buckets run."""
+        positions = self.model.config.max_positions
+        limit = min(HEATMAP_MAX_TOKENS, positions)
+        buckets = sorted({bucket_length(n, positions) for n in range(1, limit + 1)})
+        for bucket in buckets:
+            text = self._text_in_bucket(bucket, positions)
+            if text is not None:
+                classify_heads(head_scores(run(self.model, text, capture=CAPTURE)))
+        return buckets
+
+    def _text_in_bucket(self, bucket: int, positions: int) -> Optional[str]:
+        """The shortest repetition of DEFAULT_TEXT's words whose tokens fall in ``bucket``
+        (a binary search: the token count grows with the word count), or None."""
+        words = DEFAULT_TEXT.split()
+
+        def text(count: int) -> str:
+            return " ".join(words[i % len(words)] for i in range(count))
+
+        def tokens(count: int) -> int:
+            return int(np.asarray(tokenize(self.model, text(count), max_length=positions).attention_mask).sum())
+
+        low, high = 1, 4 * bucket
+        while low < high:  # the fewest words whose bucket is at least this one
+            middle = (low + high) // 2
+            if bucket_length(tokens(middle), positions) < bucket:
+                low = middle + 1
+            else:
+                high = middle
+        return text(low) if bucket_length(tokens(low), positions) == bucket else None
 
     # ---- state -------------------------------------------------------------
     @property
@@ -93,7 +134,7 @@ class Explorer:
 
     @property
     def num_tokens(self) -> int:
-        return int(np.asarray(self.trace.mask[0]).sum())
+        return int(np.asarray(self.trace.mask)[0].sum())
 
     def set_text(self, text) -> bool:
         """Run the model on ``text`` and redraw; refuse (keeping the last view) with a message."""
@@ -214,11 +255,12 @@ class Explorer:
                             "model size; the heatmap shows the selected head.")
             return None
         positions, tokens = sequence_tokens(self.trace)
+        # To numpy first: a JAX slice with this text's bounds would compile anew for every length.
+        attention = np.asarray(self.trace.attention)[:, 0]                     # (L, H, T, T)
         first, count = int(positions[0]), len(positions)
-        if np.array_equal(positions, np.arange(first, first + count)):  # one run of tokens: slice, copy once
-            maps = np.asarray(self.trace.attention[:, 0, :, first:first + count, first:first + count])  # (L, H, n, n)
+        if np.array_equal(positions, np.arange(first, first + count)):  # one run of tokens: a view
+            maps = attention[:, :, first:first + count, first:first + count]   # (L, H, n, n)
         else:
-            attention = np.asarray(self.trace.attention[:, 0])                 # (L, H, T, T)
             maps = attention[:, :, positions][:, :, :, positions]              # (L, H, n, n)
         layers = self._layer_ids()
         return overview_spec(maps, layers, range(self.num_heads), tokens, tokens, scores=self.heads,
@@ -317,7 +359,7 @@ class _ExplorerWidget:
 
 
 def explore(model, text: str = DEFAULT_TEXT, *, layer: int = 0, head: int = 0, scheme: str = "viridis",
-            scale: str = "linear", overview: bool = True) -> Explorer:
+            scale: str = "linear", overview: bool = True, warm: bool = True) -> Explorer:
     """An interactive attention explorer for ``model`` (from attnjax.load).
 
     In a notebook the returned Explorer displays as widgets: a text box (Enter
@@ -325,6 +367,9 @@ def explore(model, text: str = DEFAULT_TEXT, *, layer: int = 0, head: int = 0, s
     heatmap and the model overview. Without ipywidgets it prints how to install it
     (`pip install ipywidgets`) and shows the two charts. text: the first text;
     layer, head: the first head shown; scheme, scale: colours as in
-    attnjax.viz.attention_heatmap; overview: False draws only the heatmap.
+    attnjax.viz.attention_heatmap; overview: False draws only the heatmap; warm: compile
+    every length bucket up to 256 tokens on a background thread (Explorer.warm_up), so
+    that no later text waits for a compilation.
     """
-    return Explorer(model, text, layer=layer, head=head, scheme=scheme, scale=scale, overview=overview)
+    return Explorer(model, text, layer=layer, head=head, scheme=scheme, scale=scale, overview=overview,
+                    warm=warm)

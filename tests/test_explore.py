@@ -22,7 +22,7 @@ def minilm():
 @pytest.fixture
 def explorer(minilm):
     # Both texts fit the 16-token bucket: one compiled forward for the whole module.
-    return attnjax.explore(minilm, "The cat sat on the mat.", layer=1, head=2)
+    return attnjax.explore(minilm, "The cat sat on the mat.", layer=1, head=2, warm=False)
 
 
 def rows(spec: dict, data: dict) -> list:
@@ -163,7 +163,7 @@ def test_the_overview_opens_on_the_head_the_selectors_chose(minilm):
     # too; a head change re-points the overview without rebuilding its data.
     from attnjax import viz
 
-    explorer = attnjax.explore(minilm, "The cat sat on the mat.", layer=3, head=4)
+    explorer = attnjax.explore(minilm, "The cat sat on the mat.", layer=3, head=4, warm=False)
 
     def start(spec):
         return next(p["value"] for p in spec["params"] if p["name"] == "head_select")
@@ -175,3 +175,25 @@ def test_the_overview_opens_on_the_head_the_selectors_chose(minilm):
     assert start(after) == [{"layer": 1, "head": 7}] and after["datasets"] is before["datasets"]
     expected = viz.model_overview(viz.attention_frame(explorer.trace), scores=explorer.heads, start=(1, 7))
     assert explorer.overview().to_dict() == expected.to_dict()
+
+
+def test_warm_up_compiles_every_bucket_so_a_new_length_compiles_nothing(minilm):
+    # explore() compiles each length bucket up to 256 tokens on a background thread; after
+    # it, a text in a bucket no text has used compiles nothing (JAX reports every backend
+    # compilation through jax.monitoring).
+    import jax
+
+    explorer = attnjax.explore(minilm, "Short.")
+    assert explorer.warming is not None
+    explorer.warming.join(timeout=600)
+    assert not explorer.warming.is_alive()
+    assert explorer.warm_up() == [16, 32, 64, 128, 256]  # again: already compiled, quick
+    compiled = []
+    listener = lambda name, *_, **__: compiled.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        long_text = " ".join(["attention heads route information between the tokens of a sentence"] * 15)
+        assert explorer.set_text(long_text) and 128 < explorer.num_tokens <= 256
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == []

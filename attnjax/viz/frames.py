@@ -48,7 +48,7 @@ def sequence_tokens(trace: Trace, batch: int = 0) -> Tuple[np.ndarray, Tuple[str
     """(positions, tokens) of the non-padding tokens of sequence ``batch``."""
     if not 0 <= batch < trace.batch_size:
         raise ValueError(f"batch={batch} is out of range; the Trace holds {trace.batch_size} sequences.")
-    positions = np.flatnonzero(np.asarray(trace.mask[batch]))                  # (n,)
+    positions = np.flatnonzero(np.asarray(trace.mask)[batch])                  # (n,)
     if trace.tokens is not None:
         tokens = tuple(trace.tokens[batch][int(p)] for p in positions)
     else:
@@ -68,7 +68,7 @@ def token_frame(trace: Trace, batch: int = 0) -> pd.DataFrame:
 
 
 def full_token_count(trace: Trace, batch: int = 0) -> int:
-    return int(np.asarray(trace.mask[batch]).sum())
+    return int(np.asarray(trace.mask)[batch].sum())
 
 
 def attention_frame(
@@ -140,7 +140,7 @@ def _categorical(labels: Sequence[str], codes: np.ndarray) -> pd.Categorical:
 def _full_frame(trace: Trace, batch, layers, heads) -> pd.DataFrame:
     positions, tokens = sequence_tokens(trace, batch)
     layer_ids, layer_rows, head_ids = _select(trace, layers, heads, trace.attention.shape[2])
-    attention = np.asarray(trace.attention[:, batch])                         # (L, H, T, T)
+    attention = np.asarray(trace.attention)[:, batch]  # (L, H, T, T); numpy indexing: a JAX one compiles per shape
     maps = attention[np.ix_(layer_rows, head_ids, positions, positions)]      # (L', H', n, n)
     return _long(maps, layer_ids, head_ids, positions, positions, tokens, tokens)
 
@@ -170,7 +170,7 @@ def _pooled_frame(trace: Trace, batch, layers, heads) -> pd.DataFrame:
     labels = pooled_labels(all_tokens, seq_len, bins)
     # Bins that hold only padding (the tail of a shorter sequence in a batch) are left
     # out; a bin that mixes the last real tokens with padding stays.
-    real = np.asarray(trace.mask[batch], dtype=bool)                          # (T,)
+    real = np.asarray(trace.mask)[batch].astype(bool)                         # (T,)
     assignment = (np.arange(seq_len) * bins) // seq_len                        # (T,)
     kept = np.unique(assignment[real])                                         # (P',)
     maps = maps[:, :, kept][:, :, :, kept]                                     # (L', H', P', P')
