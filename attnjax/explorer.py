@@ -21,6 +21,7 @@ in the widget (``Explorer.message``) instead of a traceback.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from typing import Dict, List, Optional
@@ -43,6 +44,29 @@ WIDGETS_MISSING = ("attnjax.explore needs ipywidgets for its text box and select
                    "ship it); install it with `pip install ipywidgets`. The charts are still available "
                    "as explorer.heatmap() and explorer.overview().")
 CAPTURE = Capture(attention=True)
+
+
+# Background warm-ups still running: (stop event, thread). At exit each is told to stop
+# and joined: an interpreter that exits while XLA compiles on another thread aborts
+# ("terminate called ... FATAL: exception not rethrown").
+_WARM_UPS: List[tuple] = []
+WARM_UP_EXIT_WAIT_S = 60.0  # the longest a script's exit waits for a compilation to finish
+
+
+def _start_warm_up(warm_up) -> threading.Thread:
+    stop = threading.Event()
+    thread = threading.Thread(target=warm_up, args=(stop,), name="attnjax-explore-warm-up", daemon=True)
+    _WARM_UPS[:] = [(event, other) for event, other in _WARM_UPS if other.is_alive()] + [(stop, thread)]
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _stop_warm_ups() -> None:
+    for stop, _ in _WARM_UPS:
+        stop.set()
+    for _, thread in _WARM_UPS:
+        thread.join(timeout=WARM_UP_EXIT_WAIT_S)
 
 
 def _widgets():
@@ -85,19 +109,21 @@ class Explorer:
             raise ValueError(f"explore(layer={layer}, head={head}): {self.message}")
         self.warming: Optional[threading.Thread] = None
         if warm:  # compile the other length buckets while the user reads the first view
-            self.warming = threading.Thread(target=self.warm_up, name="attnjax-explore-warm-up", daemon=True)
-            self.warming.start()
+            self.warming = _start_warm_up(self.warm_up)
 
-    def warm_up(self) -> List[int]:
+    def warm_up(self, stop: Optional[threading.Event] = None) -> List[int]:
         """Compile the forward and the analyses for every length bucket a text can fall in
         (16, 32, ... up to HEATMAP_MAX_TOKENS tokens), so that the first text of a new
         length redraws as fast as the rest instead of compiling for 1-2 s. ``explore``
         runs this on a background thread (``warm=False`` turns that off); the compiled
-        programs are JAX's, shared with every later call. Returns the buckets run."""
+        programs are JAX's, shared with every later call. ``stop``: an Event that ends the
+        loop before the next bucket (set when the interpreter exits). Returns the buckets."""
         positions = self.model.config.max_positions
         limit = min(HEATMAP_MAX_TOKENS, positions)
         buckets = sorted({bucket_length(n, positions) for n in range(1, limit + 1)})
         for bucket in buckets:
+            if stop is not None and stop.is_set():
+                break
             text = self._text_in_bucket(bucket, positions)
             if text is not None:
                 classify_heads(head_scores(run(self.model, text, capture=CAPTURE)))
