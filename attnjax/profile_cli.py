@@ -108,7 +108,7 @@ def run_profile(args) -> int:
     n_texts, truncated = int(frame["n_texts"].iloc[0]), frame.attrs["n_truncated"]
     with pd.option_context("display.width", 120, "display.max_columns", 20):
         numbers = ", ".join(str(i + 1) for i in skipped["index"][:20]) + (", ..." if len(skipped) > 20 else "")
-        print(f"{model.name}: {n_texts} {unit}s, {int(frame['n_tokens'].iloc[0])} tokens"
+        print(f"{model.name}: {n_texts} {unit}{'' if n_texts == 1 else 's'}, {int(frame['n_tokens'].iloc[0])} tokens"
               + (f" ({truncated} truncated to {args.max_length or model.config.max_positions} tokens)"
                  if truncated else "")
               + (f"; skipped {len(skipped)} unusable: {unit} {numbers}" if len(skipped) else ""))

@@ -18,7 +18,8 @@ from attnjax.viz.common import inline, require_columns, title
 from attnjax.viz.grids import CATEGORY_ABBREVIATIONS
 
 # Scores shown as spreads across texts (first those that decide categories).
-SPREAD_SCORES = ("normalized_entropy", "max_weight", "previous_token", "first_token", "sep", "punctuation")
+SPREAD_SCORES = ("normalized_entropy", "max_weight", "previous_token", "first_token", "sep", "punctuation",
+                 "induction", "duplicate")  # a score that is NaN throughout (no q, k recorded) is left out
 SPREAD_PER_ROW = 4  # panels of ~280 px a row: within the page's width
 MADE_BY = "attnjax.profile(model, texts)"
 
