@@ -280,7 +280,7 @@ def _dataset(frame: pd.DataFrame, datasets: Dict[str, str]) -> Dict[str, Any]:
 
 def _labels(name: str, tokens) -> Dict[str, Any]:
     """A variable parameter of axis labels by position (as viz.common.label_param)."""
-    return {"name": name, "value": {str(i): visible_text(truncate(t)) for i, t in enumerate(tokens)}}
+    return {"name": name, "value": {str(i): truncate(t) for i, t in enumerate(tokens)}}  # truncate: visible text
 
 
 def _title(text: str, subtitle: Sequence[Optional[str]]) -> Dict[str, Any]:
